@@ -1,0 +1,143 @@
+"""The recipe: one typed config. Each field's description is its one-line doc (`lora-tune validate --explain`)."""
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    name_or_path: str | None = Field(
+        None, description="Local folder or hub id of the base model (safetensors weights); omit with init: random."
+    )
+    revision: str = Field("main", description="Hub revision (branch, tag or commit) of the base model.")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="pretrained: load weights; random: build from model.config with random weights."
+    )
+    config: dict[str, Any] | None = Field(
+        None, description="transformers config fields (with model_type) for init: random, e.g. a tiny LLaMA."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer folder or hub id, a SentencePiece .model file, or 'bytes' (built in); "
+        "default: the base model's.",
+    )
+    dtype: DType = Field("bfloat16", description="Dtype of the unquantized weights and of training arithmetic.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; off unless you trust it.")
+    allow_pickle: bool = Field(
+        False, description="Allow pickled .bin weights (can execute code when loaded); safetensors otherwise."
+    )
+
+    @model_validator(mode="after")
+    def _init_needs_its_source(self):
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("model.name_or_path is required when model.init is 'pretrained'")
+        if self.init == "random":
+            if not self.config or "model_type" not in self.config:
+                raise ValueError("model.config with a model_type is required when model.init is 'random'")
+            if not self.tokenizer:
+                raise ValueError("model.tokenizer is required when model.init is 'random' (try 'bytes')")
+        return self
+
+
+class QuantizationSection(Section):
+    mode: Literal["none", "8bit", "4bit"] = Field("none", description="Load the base 4-bit (QLoRA), 8-bit or unquantized.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scaling constants too (saves ~0.4 bit/param).")
+    compute_dtype: DType = Field("bfloat16", description="Dtype 4-bit weights are dequantized to for matmuls.")
+
+
+class LoraSection(Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]."
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class TemplatePair(Section):
+    with_input: str = Field(description="Prompt for rows with an input; uses {instruction} and {input}.")
+    without_input: str = Field(description="Prompt for rows without an input; uses {instruction}.")
+
+
+class DataSection(Section):
+    path: str = Field(
+        description="Local .json/.jsonl/.parquet file, a hub data set id, or builtin:demo-tasks (generated offline)."
+    )
+    format: Literal["alpaca", "dolly", "chat"] = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output; dolly: instruction/context/response; chat: messages.",
+    )
+    template: Union[Literal["alpaca"], TemplatePair] = Field(
+        "alpaca", description="Prompt template for alpaca/dolly rows: 'alpaca' or {with_input, without_input}."
+    )
+    validation_size: float = Field(
+        0.0, ge=0, description="Held-out rows for eval_loss: a fraction if < 1, else a row count."
+    )
+    max_length: int = Field(512, ge=8, le=131072, description="Longest tokenized example (prompt + response + EOS).")
+    packing: bool = Field(True, description="Pack examples into full rows; attention never crosses examples.")
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: loss on the response only).")
+    bad_rows: Literal["drop", "fail"] = Field(
+        "drop", description="Malformed or too-long rows: drop them (reported) or stop with an error."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (quick trials).")
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Rows per device per step (packed rows hold several examples).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of the steps if < 1, else a step count.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = Field(
+        "adamw_torch", description="Optimizer (8-bit ones from bitsandbytes need CUDA)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Log loss every N steps (metrics.jsonl, tensorboard).")
+    eval_steps: int = Field(100, ge=1, description="Evaluate on the validation rows every N steps.")
+    save_steps: int = Field(200, ge=1, description="Write a checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        ["tensorboard"], description="Experiment trackers to log to."
+    )
+
+
+class OutputSection(Section):
+    name: str = Field(description="Run name: the adapter lands in <root>/<name>/.")
+    root: str = Field("adapters", description="Folder that holds run folders.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # The name becomes a folder: nothing that could escape root or hide the folder.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("use letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+        return name
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection

@@ -1,0 +1,92 @@
+"""Read raw rows from a local file, the hub, or the built-in demo generator."""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import fail
+from .demo_tasks import demo_tasks
+
+BUILTIN_DEMO = "builtin:demo-tasks"
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class RawRows:
+    rows: list  # one entry per source row, in file order; not yet checked
+    sha256: str  # of the file bytes (or of the generated rows), recorded in run.json
+
+
+def is_local(path: str) -> bool:
+    return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
+
+
+def read_rows(path: str, limit: int | None, source: str) -> RawRows:
+    if path == BUILTIN_DEMO:
+        rows = demo_tasks(limit or 2000)
+        return RawRows(rows, _sha256(json.dumps(rows).encode()))
+    if is_local(path):
+        raw = _read_local(Path(path).expanduser(), source)
+    else:
+        raw = _read_hub(path, source)
+    return RawRows(raw.rows[:limit] if limit else raw.rows, raw.sha256)
+
+
+def _read_local(path: Path, source: str) -> RawRows:
+    if not path.is_file():
+        raise fail(source, "data.path", f"data file {str(path)!r} not found", "check the path (relative to where you run)")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise fail(source, "data.path", f"unsupported file type {path.suffix!r}", f"use one of {', '.join(LOCAL_SUFFIXES)}")
+    blob = path.read_bytes()
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return RawRows(pyarrow.parquet.read_table(path).to_pylist(), _sha256(blob))
+    # JSON is parsed here rather than by datasets: Arrow coerces or rejects mixed-type rows, and we must
+    # report exactly which rows are bad.
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(source, "data.path", f"{str(path)!r} is not UTF-8 (byte {exc.start})", "re-save the file as UTF-8") from None
+    rows = _parse_jsonl(text, path, source) if path.suffix == ".jsonl" else _parse_json(text, path, source)
+    return RawRows(rows, _sha256(blob))
+
+
+def _parse_json(text: str, path: Path, source: str) -> list:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(source, "data.path", f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})",
+                   "fix the file, or use .jsonl with one object per line") from None
+    if not isinstance(rows, list):
+        raise fail(source, "data.path", f"{str(path)!r} holds a JSON {type(rows).__name__}, not a list of rows",
+                   "write the rows as a JSON list of objects")
+    return rows
+
+
+def _parse_jsonl(text: str, path: Path, source: str) -> list:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise fail(source, "data.path", f"{str(path)!r} line {number} is not valid JSON ({exc.msg})",
+                       "fix that line; each line must be one JSON object") from None
+    return rows
+
+
+def _read_hub(name: str, source: str) -> RawRows:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # datasets raises many types for "not found"/"offline"; all mean the same to the user
+        raise fail(source, "data.path", f"cannot load hub data set {name!r} ({type(exc).__name__})",
+                   "check the id and your network, or point data.path at a local .json/.jsonl/.parquet file") from None
+    return RawRows(dataset.to_list(), dataset._fingerprint)
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,76 @@
+"""Load a base model the safe way: safetensors only unless allowed, no remote code unless asked for."""
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from ..config.schema import ModelSection, QuantizationSection
+from ..errors import fail
+from .quantization import bnb_config, keep_4bit_weights_unpacked
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_base_source(model: ModelSection, source: str) -> None:
+    """What can be checked without loading weights: the folder exists, holds a config and safe weights."""
+    if model.init == "random":
+        random_config(model, source)
+        return
+    if not _is_local(model.name_or_path):
+        return
+    folder = Path(model.name_or_path)
+    if not (folder / "config.json").is_file():
+        raise fail(source, "model.name_or_path", f"{model.name_or_path!r} is not a model folder (no config.json)",
+                   "point it at a folder saved with save_pretrained, or a hub id")
+    names = [p.name for p in folder.iterdir()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not model.allow_pickle:
+        raise fail(source, "model.allow_pickle", f"{model.name_or_path!r} has only pickled weights, which can run "
+                   "code when loaded", "convert them to safetensors, or set model.allow_pickle: true if you trust them")
+    if not model.allow_pickle:
+        raise fail(source, "model.name_or_path", f"{model.name_or_path!r} holds no .safetensors weights",
+                   "save the model with save_pretrained (safetensors is the default)")
+
+
+def random_config(model: ModelSection, source: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.for_model(**model.config)
+    except (ValueError, TypeError) as exc:
+        raise fail(source, "model.config", f"not a transformers config ({str(exc).splitlines()[0][:120]})",
+                   "set model_type to a causal LM type such as llama or gptj, with its config fields") from None
+
+
+def build_random_base(model: ModelSection, seed: int, folder: Path, source: str) -> str:
+    """Save a randomly initialised model of the recipe's config, to be loaded like any real base."""
+    config = random_config(model, source)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model.dtype)).save_pretrained(folder)
+    return str(folder)
+
+
+def load_base(model: ModelSection, quantization: QuantizationSection, path: str) -> PreTrainedModel:
+    base = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=model.revision,
+        dtype=getattr(torch, model.dtype),
+        attn_implementation=model.attn_implementation,
+        quantization_config=bnb_config(quantization),
+        trust_remote_code=model.trust_remote_code,
+        use_safetensors=None if model.allow_pickle else True,
+        device_map=_device_map(quantization),
+    )
+    if quantization.mode == "4bit":
+        keep_4bit_weights_unpacked(base)
+    return base
+
+
+def _device_map(quantization: QuantizationSection):
+    # Quantized weights are created on their final device; everything else moves with the Trainer.
+    if quantization.mode == "none":
+        return None
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()

@@ -1,0 +1,56 @@
+"""Tokenizers: the base model's, a LLaMA SentencePiece file, or a byte-level one built here (for offline demos)."""
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..config.schema import ModelSection
+from ..errors import fail
+
+# A chat template for tokenizers that ship none (the byte tokenizer); ChatML-like and easy to read.
+SIMPLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens + <pad>, <s>, </s>: needs no vocabulary file, so tiny demos run with nothing downloaded.
+    Built by hand because transformers and tokenizers ship no ready-made byte vocabulary."""
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: index for index, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
+    name = model.tokenizer or model.name_or_path
+    if name == "bytes":
+        return byte_tokenizer()
+    if name.endswith(".model"):
+        path = Path(name)
+        if not path.is_file():
+            raise fail(source, "model.tokenizer", f"SentencePiece file {name!r} not found", "check the path")
+        return LlamaTokenizer.from_pretrained(str(path.parent), add_bos_token=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        field = "model.tokenizer" if model.tokenizer else "model.name_or_path"
+        raise fail(source, field, f"cannot load a tokenizer from {name!r} ({_first_line(exc)})",
+                   "point it at a folder with tokenizer files, a tokenizer.model file, or 'bytes'") from None
+    if tokenizer.pad_token is None:  # batched eval and generation need one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__

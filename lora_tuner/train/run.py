@@ -1,0 +1,151 @@
+"""`lora-tune run`: recipe -> checked data -> base model + LoRA -> SFTTrainer -> a complete run folder."""
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
+from trl import SFTTrainer
+
+from ..config import Recipe, dump_recipe
+from ..data import PreparedData, prepare_data
+from ..errors import UserError, fail
+from ..model.loading import build_random_base, check_base_source, load_base
+from ..model.lora import attach_lora
+from ..model.packing_check import packing_is_isolated
+from ..model.tokenizer import load_tokenizer
+from .manifest import command_line, device, git_commit, now, versions, write_manifest
+from .callbacks import EvaluateAtEnd, MetricsFile, read_metrics
+from .plot import plot_loss
+from .run_folder import RunFolder
+from .sft import sft_config
+
+BASE_FOLDER = "base-model"  # where a model.init: random base is saved, inside the run folder
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    manifest: dict
+
+    def summary(self) -> str:
+        m, f = self.manifest, self.folder
+        loss = m["loss"]
+        eval_part = f"   eval {loss['eval']:.4f}" if loss["eval"] is not None else ""
+        return "\n".join([
+            f"run       {f}   ({m['train']['runtime_s']:.0f} s on {m['device']})",
+            f"steps     {m['train']['steps']}   tokens {m['train']['tokens']:,}   "
+            f"tokens/s {m['train']['tokens_per_s']:,.0f}",
+            f"loss      first {loss['first']:.4f} -> last {loss['last']:.4f}{eval_part}",
+            f"data      {m['data']['train_rows']:,} train / {m['data']['eval_rows']:,} validation rows, "
+            f"{m['data']['dropped_rows']} dropped",
+            f"adapter   {f / 'adapter_model.safetensors'}",
+            f"plot      {f / 'loss.png'}   metrics {f / 'metrics.jsonl'}   tensorboard {f / 'tensorboard'}",
+        ])
+
+
+def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI)."""
+    folder = RunFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source)
+    folder.check_free(force)
+    check_base_source(recipe.model, source)
+    tokenizer = load_tokenizer(recipe.model, source)
+    data = prepare_data(recipe, tokenizer, source)
+    if data.dropped:
+        log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
+    work = folder.start()
+    try:
+        manifest = _train(recipe, source, tokenizer, data, work, folder.final)
+    except UserError:
+        shutil.rmtree(work)  # a refused run leaves nothing behind
+        raise
+    return RunResult(folder.finish(), manifest)
+
+
+def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path) -> dict:
+    started = now()
+    if recipe.model.init == "random":
+        base = load_base(recipe.model, recipe.quantization,
+                         build_random_base(recipe.model, recipe.train.seed, work / BASE_FOLDER, source))
+        base_path = str(final / BASE_FOLDER)  # where it lives once the run folder is in place
+    else:
+        base_path = recipe.model.name_or_path
+        base = load_base(recipe.model, recipe.quantization, base_path)
+    if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
+        raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
+                   f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
+                   "set data.packing: false, or try model.attn_implementation: sdpa or flash_attention_2")
+    model = attach_lora(base, recipe)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, work / "checkpoints", has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(),
+                   TensorBoardCallback(SummaryWriter(str(work / "tensorboard")))],
+    )
+    result = trainer.train()
+    # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder.
+    model.save_pretrained(work)
+    _point_adapter_at(work, base_path)
+    tokenizer.save_pretrained(work)
+    (work / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    metrics = read_metrics(work / "metrics.jsonl")
+    plot_loss(metrics, work / "loss.png", title=recipe.output.name)
+    manifest = _manifest(recipe, source, data, trainer, result, metrics, base_path, started)
+    write_manifest(work / "run.json", manifest)
+    return manifest
+
+
+def _point_adapter_at(folder: Path, base_path: str) -> None:
+    """adapter_config.json names the base as the user will find it (not the temporary path it was loaded from)."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_path
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _manifest(recipe, source, data, trainer, result, metrics, base_path, started) -> dict:
+    losses = [row["loss"] for row in metrics if "loss" in row]
+    evals = [row["eval_loss"] for row in metrics if "eval_loss" in row]
+    runtime = result.metrics["train_runtime"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
+        "name": recipe.output.name,
+        "recipe": source,
+        "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
+        "command": command_line(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "seed": recipe.train.seed,
+        "base_model": {
+            "name_or_path": base_path,
+            "revision": recipe.model.revision,
+            "init": recipe.model.init,
+            "quantization": recipe.quantization.model_dump(),
+        },
+        "data": {
+            "path": recipe.data.path,
+            "sha256": data.sha256,
+            "rows_read": data.rows_read,
+            "train_rows": len(data.train),
+            "eval_rows": len(data.eval) if data.eval is not None else 0,
+            "dropped_rows": sum(len(rows) for rows in data.dropped.values()),
+            "dropped": data.dropped,
+        },
+        "train": {
+            "steps": trainer.state.global_step,
+            "tokens": tokens,
+            "runtime_s": runtime,
+            "tokens_per_s": tokens / runtime if runtime else 0.0,
+        },
+        "loss": {"first": losses[0], "last": losses[-1], "eval": evals[-1] if evals else None},
+        "device": device(),
+        "started_at": started,
+        "finished_at": now(),
+    }

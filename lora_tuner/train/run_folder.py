@@ -1,0 +1,40 @@
+"""The run folder appears only when complete: work happens in a hidden sibling that is renamed into place."""
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import fail
+
+
+class RunFolder:
+    def __init__(self, final: Path, source: str):
+        self.final = final.expanduser().resolve()
+        self.partial = self.final.parent / f".{self.final.name}.partial"
+        self.source = source
+
+    def check_free(self, force: bool) -> None:
+        """Before anything is written: refuse to clobber a finished or unfinished run without --force."""
+        if self.final.exists() and not force:
+            raise fail(self.source, "output", f"{str(self.final)!r} already holds a run",
+                       "choose another output.name or --output, or pass --force to replace it")
+        if self.partial.exists() and not force:
+            raise fail(self.source, "output", f"an unfinished run of this name is in {str(self.partial)!r}",
+                       "delete that folder, or pass --force to start over")
+
+    def start(self) -> Path:
+        if self.partial.exists():  # only reachable with --force (see check_free)
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def finish(self) -> Path:
+        """Swap the completed run into place; a replaced run is removed only after the swap succeeded."""
+        retired = None
+        if self.final.exists():
+            retired = self.final.parent / f".{self.final.name}.replaced-{int(time.time())}"
+            os.rename(self.final, retired)
+        os.rename(self.partial, self.final)
+        if retired:
+            shutil.rmtree(retired)
+        return self.final
