@@ -29,8 +29,8 @@ class ModelSection(Section):
         "default: the base model's.",
     )
     dtype: DType = Field("bfloat16", description="Dtype of the unquantized weights and of training arithmetic.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto lets transformers pick (sdpa where the architecture has it)."
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; off unless you trust it.")
     allow_pickle: bool = Field(

@@ -49,17 +49,24 @@ def build_random_base(model: ModelSection, seed: int, folder: Path, source: str)
     return str(folder)
 
 
-def load_base(model: ModelSection, quantization: QuantizationSection, path: str) -> PreTrainedModel:
-    base = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=model.revision,
-        dtype=getattr(torch, model.dtype),
-        attn_implementation=model.attn_implementation,
-        quantization_config=bnb_config(quantization),
-        trust_remote_code=model.trust_remote_code,
-        use_safetensors=None if model.allow_pickle else True,
-        device_map=_device_map(quantization),
-    )
+def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
+              source: str = "recipe") -> PreTrainedModel:
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=model.revision,
+            dtype=getattr(torch, model.dtype),
+            attn_implementation=None if model.attn_implementation == "auto" else model.attn_implementation,
+            quantization_config=bnb_config(quantization),
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=None if model.allow_pickle else True,
+            device_map=_device_map(quantization),
+        )
+    except ValueError as exc:
+        if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
+            raise
+        raise fail(source, "model.attn_implementation", f"{model.attn_implementation!r} is not supported by "
+                   f"this model ({str(exc).splitlines()[0][:100]})", "use auto or eager") from None
     if quantization.mode == "4bit":
         keep_4bit_weights_unpacked(base)
     return base

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import SFTTrainer
@@ -30,6 +31,7 @@ BASE_FOLDER = "base-model"  # where a model.init: random base is saved, inside t
 class RunResult:
     folder: Path
     manifest: dict
+    model: PeftModel  # the trained model, still in memory, for use right away from Python
 
     def summary(self) -> str:
         m, f = self.manifest, self.folder
@@ -59,28 +61,16 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
     work = folder.start()
     try:
-        manifest = _train(recipe, source, tokenizer, data, work, folder.final)
+        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final)
     except UserError:
         shutil.rmtree(work)  # a refused run leaves nothing behind
         raise
-    return RunResult(folder.finish(), manifest)
+    return RunResult(folder.finish(), manifest, model)
 
 
-def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path) -> dict:
-    started = now()
-    if recipe.model.init == "random":
-        base = load_base(recipe.model, recipe.quantization,
-                         build_random_base(recipe.model, recipe.train.seed, work / BASE_FOLDER, source))
-        base_path = str(final / BASE_FOLDER)  # where it lives once the run folder is in place
-    else:
-        base_path = recipe.model.name_or_path
-        base = load_base(recipe.model, recipe.quantization, base_path)
-    if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
-        raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
-                   f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
-                   "set data.packing: false, or try model.attn_implementation: sdpa or flash_attention_2")
-    model = attach_lora(base, recipe)
-    trainer = SFTTrainer(
+def make_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData, work: Path) -> SFTTrainer:
+    """The SFTTrainer a run uses; TRL tokenizes, masks and packs the prompt/completion examples."""
+    return SFTTrainer(
         model=model,
         args=sft_config(recipe, work / "checkpoints", has_eval=data.eval is not None),
         train_dataset=data.train,
@@ -89,7 +79,26 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
         callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(),
                    TensorBoardCallback(SummaryWriter(str(work / "tensorboard")))],
     )
+
+
+def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path):
+    started = now()
+    if recipe.model.init == "random":
+        base = load_base(recipe.model, recipe.quantization,
+                         build_random_base(recipe.model, recipe.train.seed, work / BASE_FOLDER, source), source)
+        base_path = str(final / BASE_FOLDER)  # where it lives once the run folder is in place
+    else:
+        base_path = recipe.model.name_or_path
+        base = load_base(recipe.model, recipe.quantization, base_path, source)
+    if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
+        raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
+                   f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
+                   "set data.packing: false, or try another model.attn_implementation")
+    model = attach_lora(base, recipe)
+    trainer = make_trainer(recipe, model, tokenizer, data, work)
     result = trainer.train()
+    # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder.
     model.save_pretrained(work)
     _point_adapter_at(work, base_path)
@@ -99,7 +108,7 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
     plot_loss(metrics, work / "loss.png", title=recipe.output.name)
     manifest = _manifest(recipe, source, data, trainer, result, metrics, base_path, started)
     write_manifest(work / "run.json", manifest)
-    return manifest
+    return model, manifest
 
 
 def _point_adapter_at(folder: Path, base_path: str) -> None:

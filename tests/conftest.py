@@ -1,0 +1,68 @@
+"""Tiny random models (LLaMA and GPT-J shapes) saved to disk and loaded through the same path a real model takes.
+Sizes are multiples of 32 so bitsandbytes 4-bit runs them on CPU."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_tuner.config.schema import ModelSection
+from lora_tuner.data.demo_tasks import demo_tasks
+from lora_tuner.model.loading import build_random_base
+from lora_tuner.model.tokenizer import byte_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+IDS = dict(vocab_size=288, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, **IDS),
+    "gptj": dict(model_type="gptj", n_embd=64, n_inner=128, n_layer=2, n_head=4, rotary_dim=8, n_positions=512,
+                 **IDS),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """kind -> folder with a saved random base (safetensors) and the byte tokenizer."""
+    made = {}
+
+    def make(kind: str, dtype: str = "float32") -> str:
+        if (kind, dtype) not in made:
+            folder = tmp_path_factory.mktemp(f"base-{kind}-{dtype}")
+            section = ModelSection(init="random", config=CONFIGS[kind], tokenizer="bytes", dtype=dtype)
+            build_random_base(section, seed=0, folder=folder, source="test")
+            byte_tokenizer().save_pretrained(folder)
+            made[kind, dtype] = str(folder)
+        return made[kind, dtype]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "tasks.json"
+    path.write_text(json.dumps(demo_tasks(400, seed=1)), encoding="utf-8")
+    return str(path)
+
+
+def recipe_dict(base: str, data_path: str, **sections) -> dict:
+    """A small, fast recipe; keyword arguments replace keys inside sections."""
+    recipe = {
+        "model": {"name_or_path": base, "dtype": "float32"},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"path": data_path, "max_length": 256, "validation_size": 8},
+        "train": {"max_steps": 30, "batch_size": 4, "learning_rate": 3e-3, "warmup": 0, "logging_steps": 2,
+                  "eval_steps": 15, "save_steps": 15, "report_to": []},
+        "output": {"name": "test-run"},
+    }
+    recipe = copy.deepcopy(recipe)
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> str:
+    path = Path(folder) / name
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return str(path)
