@@ -89,3 +89,5 @@ def recipes():
     for path in sorted(RECIPES.glob("*.yaml")):
         first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
         click.echo(f"{path.relative_to(RECIPES.parent)}  {first}")
+if __name__ == "__main__":
+    main()

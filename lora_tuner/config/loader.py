@@ -72,7 +72,14 @@ def _problem(source: str, raw: dict, error: dict) -> Problem:
     message = error["msg"].removeprefix("Value error, ")
     if not isinstance(error["input"], dict):  # a whole section is too long to quote
         message += f" (got {show(error['input'])})"
-    return Problem(source, key, message, "see 'lora-tune validate --explain'")
+    return Problem(source, key, message, _field_doc(loc))
+
+
+def _field_doc(loc: list[str]) -> str:
+    """The field's one-line doc is the best hint at what a valid value looks like."""
+    section = _model_at(Recipe, loc[:-1])
+    field = section.model_fields.get(loc[-1]) if section and loc else None
+    return f"{'.'.join(loc)} is: {field.description}" if field and field.description else EXPLAIN_HINT
 
 
 def _choices(error: dict) -> str:

@@ -8,9 +8,10 @@ from ..config.schema import ModelSection
 from ..errors import fail
 
 # A chat template for tokenizers that ship none (the byte tokenizer); ChatML-like and easy to read.
+# An assistant turn ends with EOS and nothing after it, so its trained tokens are exactly reply + EOS.
 SIMPLE_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
-    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{{ eos_token }}{% else %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
 
