@@ -10,7 +10,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .config import Recipe, load_recipe  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .merge import merge  # noqa: E402
 from .preflight import check_recipe  # noqa: E402
 from .train import RunResult, run  # noqa: E402
 
-__all__ = ["Recipe", "RunResult", "UserError", "check_recipe", "load_recipe", "run"]
+__all__ = ["Recipe", "RunResult", "UserError", "check_recipe", "load_recipe", "merge", "run"]

@@ -89,5 +89,38 @@ def recipes():
     for path in sorted(RECIPES.glob("*.yaml")):
         first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
         click.echo(f"{path.relative_to(RECIPES.parent)}  {first}")
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@click.option("--base", help="Base model folder or hub id (default: the one the run recorded).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Merged weights' dtype (default: the run's).")
+@click.option("--into", type=click.Choice(["original", "dequantized"]),
+              help="Merge into the full-precision base, or into the 4-bit base as training saw it (QLoRA default).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the export to compare it with base + adapter.")
+@user_errors
+def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
+    """Fold the adapter in ADAPTER (a run folder) into its base; write standalone safetensors weights.
+
+    \b
+    Examples:
+      lora-tune merge adapters/llama-7b-qlora-alpaca --out merged/llama-7b-alpaca
+      lora-tune merge adapters/demo-tiny-cpu --out merged/demo --dtype fp32
+    """
+    from .merge import merge as merge_adapter
+
+    report = merge_adapter(adapter, out, base=base, dtype=dtype, into=into, shard_size=shard_size, force=force,
+                           verify=not no_verify)
+    click.echo(f"merged into {report['into']} weights ({report['dtype']}): {out}  "
+               f"{len(report['files'])} shard(s), {report['seconds']:.1f} s")
+    if "verification" in report:
+        v = report["verification"]
+        click.echo(f"verified against the {v['reference']}: max |logit diff| {v['max_abs_logit_diff']:.3g}, "
+                   f"mean KL {v['mean_kl']:.3g}")
+
+
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import SFTTrainer
 
+from ..atomic_folder import AtomicFolder
 from ..config import Recipe, dump_recipe
 from ..data import PreparedData, prepare_data
 from ..errors import UserError, fail
@@ -21,7 +22,6 @@ from ..model.tokenizer import load_tokenizer
 from .manifest import command_line, device, git_commit, now, versions, write_manifest
 from .callbacks import EvaluateAtEnd, MetricsFile, read_metrics
 from .plot import plot_loss
-from .run_folder import RunFolder
 from .sft import sft_config
 
 BASE_FOLDER = "base-model"  # where a model.init: random base is saved, inside the run folder
@@ -52,7 +52,8 @@ class RunResult:
 def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
         log: Callable[[str], None] = print) -> RunResult:
     """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI)."""
-    folder = RunFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source)
+    folder = AtomicFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source,
+                          field="output", what="run")
     folder.check_free(force)
     check_base_source(recipe.model, source)
     tokenizer = load_tokenizer(recipe.model, source)

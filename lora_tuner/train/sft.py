@@ -22,7 +22,7 @@ def sft_config(recipe: Recipe, checkpoints: Path, has_eval: bool) -> SFTConfig:
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=train.optimizer,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,

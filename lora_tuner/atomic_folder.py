@@ -1,25 +1,26 @@
-"""The run folder appears only when complete: work happens in a hidden sibling that is renamed into place."""
+"""Output folders (runs, merge exports) appear only when complete: work happens in a hidden sibling that is
+renamed into place, so a crash at any moment leaves the previous state readable."""
 import os
 import shutil
 import time
 from pathlib import Path
 
-from ..errors import fail
+from .errors import fail
 
 
-class RunFolder:
-    def __init__(self, final: Path, source: str):
+class AtomicFolder:
+    def __init__(self, final: Path, source: str, field: str, what: str):
         self.final = final.expanduser().resolve()
         self.partial = self.final.parent / f".{self.final.name}.partial"
-        self.source = source
+        self.source, self.field, self.what = source, field, what  # for error lines: file, option, noun
 
     def check_free(self, force: bool) -> None:
-        """Before anything is written: refuse to clobber a finished or unfinished run without --force."""
+        """Before anything is written: refuse to clobber a finished or unfinished output without --force."""
         if self.final.exists() and not force:
-            raise fail(self.source, "output", f"{str(self.final)!r} already holds a run",
-                       "choose another output.name or --output, or pass --force to replace it")
+            raise fail(self.source, self.field, f"{str(self.final)!r} already holds a {self.what}",
+                       f"choose another {self.field}, or pass --force to replace it")
         if self.partial.exists() and not force:
-            raise fail(self.source, "output", f"an unfinished run of this name is in {str(self.partial)!r}",
+            raise fail(self.source, self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
                        "delete that folder, or pass --force to start over")
 
     def start(self) -> Path:
@@ -29,7 +30,7 @@ class RunFolder:
         return self.partial
 
     def finish(self) -> Path:
-        """Swap the completed run into place; a replaced run is removed only after the swap succeeded."""
+        """Swap the completed folder into place; a replaced one is removed only after the swap succeeded."""
         retired = None
         if self.final.exists():
             retired = self.final.parent / f".{self.final.name}.replaced-{int(time.time())}"

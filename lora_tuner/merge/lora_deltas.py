@@ -1,0 +1,66 @@
+"""The adapter as weight deltas: for each targeted base weight, scale * B @ A (computed on demand, in fp32)."""
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import fail
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraDeltas:
+    def __init__(self, folder: Path, source: str):
+        config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            hint = " (pickled adapter_model.bin is not read)" if (folder / "adapter_model.bin").exists() else ""
+            raise fail(source, "adapter", f"{str(folder)!r} has no adapter_config.json + adapter_model.safetensors"
+                       f"{hint}", "point at a run folder or a PEFT adapter saved as safetensors")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        _refuse_unsupported(config, source)
+        self.config = config
+        self.fan_in_fan_out = config.get("fan_in_fan_out", False)
+        self._alpha = config["lora_alpha"]
+        self._rslora = config.get("use_rslora", False)
+        self._tensors = {}
+        with safe_open(str(weights_path), framework="pt") as weights:
+            for key in weights.keys():
+                self._tensors[key] = weights.get_tensor(key)
+        self.targets = {_base_key(key) for key in self._tensors if ".lora_A." in key}
+
+    def delta(self, base_key: str) -> torch.Tensor | None:
+        """scale * B @ A for a base weight name such as 'model.layers.0.self_attn.q_proj.weight'."""
+        if base_key not in self.targets:
+            return None
+        stem = PEFT_PREFIX + base_key.removesuffix(".weight")
+        a = self._tensors[f"{stem}.lora_A.weight"].float()
+        b = self._tensors[f"{stem}.lora_B.weight"].float()
+        rank = a.shape[0]
+        scale = self._alpha / (math.sqrt(rank) if self._rslora else rank)
+        delta = (b @ a) * scale
+        return delta.T if self.fan_in_fan_out else delta
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+
+def _base_key(adapter_key: str) -> str:
+    return adapter_key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
+
+
+def _refuse_unsupported(config: dict, source: str) -> None:
+    if config.get("peft_type") != "LORA":
+        raise fail(source, "adapter_config.json", f"peft_type {config.get('peft_type')!r} is not LoRA",
+                   "only LoRA adapters can be merged")
+    if config.get("use_dora"):
+        raise fail(source, "adapter_config.json", "use_dora is true: DoRA's magnitude rescaling is not merged here",
+                   "use the adapter unmerged (peft), or train with lora.dora: false")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise fail(source, "adapter_config.json", "rank_pattern/alpha_pattern are set",
+                   "merge with peft's merge_and_unload for adapters with per-module ranks")
+    if config.get("modules_to_save"):
+        raise fail(source, "adapter_config.json", f"modules_to_save {config['modules_to_save']} holds full weights",
+                   "merge with peft's merge_and_unload for such adapters")

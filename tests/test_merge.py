@@ -1,0 +1,154 @@
+"""Merge and export: merged weights behave like base + adapter, stream shard by shard, load without peft."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import CONFIGS, recipe_dict, write_recipe
+from lora_tuner import load_recipe, merge, run
+from lora_tuner.cli import main
+from lora_tuner.model.loading import load_base
+from lora_tuner.model.tokenizer import byte_tokenizer
+
+IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130, 140, 150]])
+
+
+def sharded_base(folder, kind, shard="100KB", **config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS[kind], **config}))
+    model.save_pretrained(folder, max_shard_size=shard)
+    byte_tokenizer().save_pretrained(folder)
+    return model
+
+
+def random_adapter(base_model, folder, **lora):
+    """A LoRA adapter with non-zero B (as after training), saved the standard PEFT way."""
+    torch.manual_seed(1)
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora})
+    peft_model = get_peft_model(base_model, config)
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gptj"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_logits_equal_adapter_logits(tmp_path, kind, rslora):
+    base = sharded_base(tmp_path / "base", kind)
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) >= 3  # several shards
+    expected = logits(random_adapter(base, tmp_path / "adapter", use_rslora=rslora))
+    report = merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), shard_size="300KB")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (logits(merged) - expected).abs().max() < 1e-4
+    assert report["verification"]["passed"] and report["verification"]["max_abs_logit_diff"] < 1e-4
+    assert len(report["files"]) > 1 and (tmp_path / "out/model.safetensors.index.json").is_file()
+    assert json.loads((tmp_path / "out/merge_report.json").read_text())["into"] == "original"
+
+
+def test_qlora_adapter_merges_into_the_weights_it_saw(tmp_path, tiny_base, alpaca_file):
+    recipe = load_recipe(write_recipe(tmp_path, recipe_dict(
+        tiny_base("llama"), alpaca_file, quantization={"mode": "4bit", "compute_dtype": "float32"},
+        train={"max_steps": 10})))
+    trained = run(recipe, output=str(tmp_path / "run"))
+    on_4bit_base = PeftModel.from_pretrained(load_base(recipe.model, recipe.quantization, recipe.model.name_or_path),
+                                             trained.folder)
+    expected = logits(on_4bit_base)
+
+    dequantized = merge(trained.folder, tmp_path / "deq")  # the default for a 4-bit run
+    original = merge(trained.folder, tmp_path / "orig", into="original")
+    diff_deq = (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "deq")) - expected).abs().max().item()
+    diff_orig = (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "orig")) - expected).abs().max().item()
+    # Dequantized weights + delta is the same arithmetic as the 4-bit kernel up to fp32 summation order (~1e-6);
+    # 1e-4 leaves room for that and nothing more.
+    assert dequantized["into"] == "dequantized" and diff_deq < 1e-4
+    # Merging into the original weights drops the quantization error the adapter was trained on.
+    print(f"4-bit adapter: merged into dequantized {diff_deq:.2e}, into original {diff_orig:.2e}")
+    assert diff_orig > 100 * diff_deq and diff_orig > 1e-2
+    assert original["verification"]["reference"] == "adapter on the full-precision base"
+
+
+def test_export_loads_with_plain_transformers_and_no_peft(tmp_path):
+    base = sharded_base(tmp_path / "base", "llama")
+    expected = logits(random_adapter(base, tmp_path / "adapter"))
+    merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), shard_size="300KB")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["peft"] = None  # any import of peft now fails
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()
+        AutoTokenizer.from_pretrained({str(tmp_path / 'out')!r})
+        assert not hasattr(model.config, "quantization_config")
+        with torch.no_grad():
+            got = model(input_ids=torch.tensor({IDS.tolist()})).logits
+        print((got - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max().item())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+def test_merge_holds_about_one_shard_in_memory(tmp_path):
+    """A base of ~10 shards of 20 MB: the merge's peak RSS growth stays near one shard, not the model."""
+    sharded_base(tmp_path / "base", "llama", shard="20MB", hidden_size=768, intermediate_size=2048,
+                 num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
+    shards = list((tmp_path / "base").glob("*.safetensors"))
+    model_mb = sum(p.stat().st_size for p in shards) / 1e6
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    random_adapter(base, tmp_path / "adapter", r=4)
+    del base
+    script = textwrap.dedent(f"""
+        import re
+        from lora_tuner import merge
+        def rss(field):
+            return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1e3
+        def run(out):
+            merge({str(tmp_path / 'adapter')!r}, out, base={str(tmp_path / 'base')!r}, shard_size="20MB", verify=False)
+        run({str(tmp_path / 'warm-up')!r})  # first use pages in library code; that is not the merge's data
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+        before = rss("VmRSS")
+        run({str(tmp_path / 'out')!r})
+        print(rss("VmHWM") - before)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = float(done.stdout.strip().splitlines()[-1])
+    print(f"model {model_mb:.0f} MB in {len(shards)} shards; merge peak RSS growth {peak_mb:.0f} MB")
+    assert len(shards) >= 8
+    # the shard being filled + its serialized copy + one tensor: about 2.5 shards, whatever the model size
+    assert peak_mb < 3 * 20 < model_mb / 2
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    gptj = sharded_base(tmp_path / "gptj", "gptj")
+    random_adapter(gptj, tmp_path / "adapter")
+    sharded_base(tmp_path / "llama", "llama")
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "out"),
+                                       "--base", str(tmp_path / "llama")])
+    assert result.exit_code == 2
+    assert "error: " in result.output and "which base" in result.output and str(tmp_path / "llama") in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_dora_is_refused_and_existing_output_kept(tmp_path):
+    base = sharded_base(tmp_path / "base", "llama")
+    random_adapter(base, tmp_path / "dora", use_dora=True)
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "dora"), "--out", str(tmp_path / "out"),
+                                       "--base", str(tmp_path / "base")])
+    assert result.exit_code == 2 and "DoRA" in result.output
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken/keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "dora"), "--out", str(tmp_path / "taken"),
+                                       "--base", str(tmp_path / "base")])
+    assert result.exit_code == 2 and (tmp_path / "taken/keep.txt").read_text() == "mine"
