@@ -1,0 +1,111 @@
+"""Merge benchmark: `lora-tune merge` vs peft's merge_and_unload + save_pretrained vs `cp -r` (the I/O floor).
+
+Builds once (cached in benchmarks/.cache) a LLaMA-shaped ~1.1B random base in bf16, saved in several shards, and an
+r=16 all-linear adapter; then times each method in its own process and reads that process's peak RSS.
+
+    python benchmarks/merge.py [--shard-size 1GB]
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "merge"
+RESULTS = HERE / "results"
+CONFIG = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+              num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+
+BUILD = """
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{config}), dtype=torch.bfloat16)
+model.save_pretrained({base!r}, max_shard_size={shard!r})
+peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+peft.save_pretrained({adapter!r})
+"""
+BASELINE = """
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)
+PeftModel.from_pretrained(base, {adapter!r}).merge_and_unload().save_pretrained({out!r})
+"""
+IMPORTS_ONLY = "import torch, transformers, peft, lora_tuner"
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed ({status}): {' '.join(command)}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def build(shard: str) -> tuple[Path, Path]:
+    base, adapter = CACHE / f"base-{shard}", CACHE / "adapter"
+    if not (base / "config.json").is_file():
+        shutil.rmtree(CACHE, ignore_errors=True)
+        CACHE.mkdir(parents=True)
+        print("building the ~1.1B random base and adapter (once)...", flush=True)
+        script = BUILD.format(config=CONFIG, base=str(base), shard=shard, adapter=str(adapter))
+        subprocess.run([sys.executable, "-c", script], check=True)
+    return base, adapter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shard-size", default="1GB", help="base and output shard size")
+    args = parser.parse_args()
+    base, adapter = build(args.shard_size)
+    shards = sorted(base.glob("*.safetensors"))
+    largest_mb = max(p.stat().st_size for p in shards) / 2**20
+    model_mb = sum(p.stat().st_size for p in shards) / 2**20
+    out = CACHE / "out"
+    measure(["cat", *map(str, shards)])  # warm the page cache so every method reads from memory
+
+    rows = {}
+    methods = {
+        "copy (cp -r)": ["cp", "-r", str(base), str(out)],
+        "lora-tune merge": [sys.executable, "-m", "lora_tuner.cli", "merge", str(adapter), "--out", str(out),
+                            "--base", str(base), "--shard-size", args.shard_size, "--no-verify", "--dtype", "bf16"],
+        "peft merge_and_unload": [sys.executable, "-c", BASELINE.format(base=str(base), adapter=str(adapter),
+                                                                     out=str(out))],
+        "python imports only": [sys.executable, "-c", IMPORTS_ONLY],
+    }
+    for name, command in methods.items():
+        shutil.rmtree(out, ignore_errors=True)
+        seconds, rss = measure(command)
+        rows[name] = {"seconds": round(seconds, 2), "peak_rss_mb": round(rss)}
+        print(f"{name:24s} {seconds:8.1f} s {rss:9.0f} MB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+    ours, copy, baseline = rows["lora-tune merge"], rows["copy (cp -r)"], rows["peft merge_and_unload"]
+    imports = rows["python imports only"]["peak_rss_mb"]
+    result = {
+        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": f"LLaMA-shaped {CONFIG['num_hidden_layers']} layers x {CONFIG['hidden_size']}, bf16, "
+                 f"{model_mb:.0f} MB in {len(shards)} shards", "adapter": "r=16 all-linear",
+        "largest_shard_mb": round(largest_mb), "methods": rows,
+        "time_vs_copy": round(ours["seconds"] / copy["seconds"], 2),
+        "rss_vs_largest_shard": round(ours["peak_rss_mb"] / largest_mb, 2),
+        "rss_above_imports_vs_largest_shard": round((ours["peak_rss_mb"] - imports) / largest_mb, 2),
+        "time_vs_baseline": round(ours["seconds"] / baseline["seconds"], 2),
+        "rss_vs_baseline": round(ours["peak_rss_mb"] / baseline["peak_rss_mb"], 2),
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "methods"}, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"merge-{platform.node()}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
