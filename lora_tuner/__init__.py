@@ -1,17 +1,25 @@
 """lora-tune: one-command, reproducible LoRA and QLoRA fine-tuning of open causal language models.
 
-    from lora_tuner import load_recipe, run
+    from lora_tuner import load_recipe, run, merge
     result = run(load_recipe("recipes/demo-tiny-cpu.yaml"))
+    report = merge(result.folder, "merged/demo")
 """
+import importlib
 import logging
 
 # bitsandbytes warns on import that an optional CPU kernel package is absent; that changes nothing here.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .config import Recipe, load_recipe  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .merge import merge  # noqa: E402
-from .preflight import check_recipe  # noqa: E402
-from .train import RunResult, run  # noqa: E402
+# Public name -> module. Imported on first use (PEP 562): trl alone takes seconds to import, and
+# `lora-tune merge` or `validate` should not pay for what only training needs.
+_API = {
+    "Recipe": ".config", "load_recipe": ".config", "UserError": ".errors", "check_recipe": ".preflight",
+    "RunResult": ".train", "run": ".train", "merge": ".export",
+}
+__all__ = sorted(_API)
 
-__all__ = ["Recipe", "RunResult", "UserError", "check_recipe", "load_recipe", "merge", "run"]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'lora_tuner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name], __name__), name)

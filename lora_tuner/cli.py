@@ -110,7 +110,7 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
       lora-tune merge adapters/llama-7b-qlora-alpaca --out merged/llama-7b-alpaca
       lora-tune merge adapters/demo-tiny-cpu --out merged/demo --dtype fp32
     """
-    from .merge import merge as merge_adapter
+    from .export import merge as merge_adapter
 
     report = merge_adapter(adapter, out, base=base, dtype=dtype, into=into, shard_size=shard_size, force=force,
                            verify=not no_verify)

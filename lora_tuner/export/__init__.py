@@ -1,4 +1,4 @@
 """Merge and export: an adapter folded into its base as standalone Hugging Face weights, verified."""
-from .export import merge
+from .merge import merge
 
 __all__ = ["merge"]
