@@ -14,7 +14,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # `lora-tune merge` or `validate` should not pay for what only training needs.
 _API = {
     "Recipe": ".config", "load_recipe": ".config", "UserError": ".errors", "check_recipe": ".preflight",
-    "RunResult": ".train", "run": ".train", "merge": ".export",
+    "RunResult": ".train", "run": ".train", "merge": ".export", "AdapterPool": ".adapters",
 }
 __all__ = sorted(_API)
 

@@ -1,4 +1,5 @@
 """The `lora-tune` command: a thin click shell over the Python API. User errors exit 2 with one line each."""
+import re
 import sys
 from functools import wraps
 from pathlib import Path
@@ -120,6 +121,75 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
         v = report["verification"]
         click.echo(f"verified against the {v['reference']}: max |logit diff| {v['max_abs_logit_diff']:.3g}, "
                    f"mean KL {v['mean_kl']:.3g}")
+
+
+def _pool(adapters: tuple[str, ...], base: str | None):
+    """A pool on --base (or the first run folder's base) holding each adapter under its folder's name."""
+    from .adapters import AdapterPool
+
+    pool = AdapterPool(base or adapters[0])
+    for folder in adapters:
+        pool.add(re.sub(r"\W", "_", Path(folder).resolve().name), folder)
+    return pool
+
+
+ADAPTER_HELP = "A run folder or PEFT adapter folder (repeatable); its folder name becomes the adapter's name."
+
+
+@main.command()
+@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
+              help=ADAPTER_HELP)
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Instruction text (repeatable).")
+@click.option("--base", help="Base model folder (default: the first run folder's base).")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--no-template", is_flag=True, help="Send the prompt as is, not in the run's training template.")
+@user_errors
+def generate(adapters, prompts, base, max_new_tokens, no_template):
+    """Generate with each adapter for each prompt (greedy), in the prompt format each adapter was trained on.
+
+    \b
+    Examples:
+      lora-tune generate --adapter adapters/demo-tiny-cpu --prompt "Reverse the word." 
+      lora-tune generate --adapter adapters/a --adapter adapters/b --prompt "Summarise: ..."
+    """
+    pool = _pool(adapters, base)
+    for prompt in prompts:
+        for name in pool.names:
+            text = pool.generate(prompt, adapter=name, max_new_tokens=max_new_tokens, template=not no_template)
+            click.echo(f"[{name}] {text}")
+
+
+@main.command()
+@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
+              help=ADAPTER_HELP)
+@click.option("--base", help="Base model folder (default: the first run folder's base).")
+@click.option("--max-new-tokens", default=256, show_default=True)
+@user_errors
+def chat(adapters, base, max_new_tokens):
+    """Talk to adapters one instruction at a time. /adapter NAME switches (/adapter none: the bare base),
+    /adapters lists them, /quit ends.
+
+    \b
+    Example:
+      lora-tune chat --adapter adapters/support --adapter adapters/legal
+    """
+    pool = _pool(adapters, base)
+    current = pool.names[0]
+    click.echo(f"adapters: {', '.join(pool.names)}; talking to {current}. /adapter NAME switches, /quit ends.")
+    while True:
+        line = click.prompt(f"{current or 'base'}>", default="", show_default=False, prompt_suffix=" ").strip()
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/adapters":
+            click.echo(", ".join(pool.names))
+        elif line.startswith("/adapter"):
+            wanted = line.removeprefix("/adapter").strip()
+            if wanted in pool.names or wanted == "none":
+                current = None if wanted == "none" else wanted
+            else:
+                click.echo(f"no adapter {wanted!r}; known: {', '.join(pool.names)} or none")
+        elif line:
+            click.echo(pool.generate(line, adapter=current, max_new_tokens=max_new_tokens))
 
 
 if __name__ == "__main__":

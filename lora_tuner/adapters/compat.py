@@ -1,0 +1,70 @@
+"""Does an adapter fit a base? Checked before loading, so a mismatch is an error, never a silent wrong answer."""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import fail
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PEFT_PREFIX = "base_model.model."
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name) or name == "__base__":  # peft reserves __base__ for "no adapter" rows
+        raise fail("adapter", "name", f"{name!r} is not a plain identifier",
+                   "use letters, digits and '_', e.g. support_v2")
+    return name
+
+
+def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> None:
+    """The folder holds a safetensors LoRA adapter whose every weight matches a module of this base."""
+    source = str(folder)
+    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        pickled = " (a pickled adapter_model.bin is never read)" if (folder / "adapter_model.bin").exists() else ""
+        raise fail(source, "adapter", f"no adapter_config.json + adapter_model.safetensors{pickled}",
+                   "point at a lora-tune run folder or a PEFT adapter saved as safetensors")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise fail(source, "adapter_config.json", f"peft_type {config.get('peft_type')!r} is not supported",
+                   "only LoRA adapters can be pooled")
+    trained_on = _trained_base(folder)
+    if trained_on and base_id and not _same_base(trained_on, base_id):
+        raise fail(source, "base", f"the adapter was trained on {trained_on!r}, the pool holds {base_id!r}",
+                   "load the pool on the adapter's base (its run.json says which)")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as tensors:
+        for key in tensors.keys():
+            _check_weight(key, tensors.get_slice(key).get_shape(), modules, source, base_id)
+
+
+def _check_weight(key: str, shape: list[int], modules: dict, source: str, base_id: str | None) -> None:
+    if ".lora_A." not in key and ".lora_B." not in key:
+        return
+    module_name = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+    module = modules.get(module_name)
+    if module is None:
+        raise fail(source, "adapter", f"targets {module_name!r}, which base {base_id!r} does not have",
+                   "this adapter belongs to another architecture; load it on its own base")
+    base_layer = getattr(module, "base_layer", module)
+    in_features, out_features = base_layer.in_features, base_layer.out_features
+    fits = shape[1] == in_features if ".lora_A." in key else shape[0] == out_features
+    if not fits:
+        raise fail(source, "adapter", f"{key!r} has shape {list(shape)}, base {base_id!r} has {module_name} "
+                   f"{in_features}->{out_features}", "this adapter belongs to a base of another size")
+
+
+def _trained_base(folder: Path) -> str | None:
+    manifest = folder / "run.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text(encoding="utf-8"))["base_model"]["name_or_path"]
+    return None
+
+
+def _same_base(a: str, b: str) -> bool:
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b

@@ -1,0 +1,139 @@
+"""One base model in memory, many LoRA adapters, switched per call with peft's multi-adapter machinery."""
+import json
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from ..config import load_recipe
+from ..config.schema import ModelSection, QuantizationSection
+from ..errors import fail
+from ..model.loading import load_base
+from ..model.tokenizer import load_tokenizer
+from .compat import check_adapter, check_name
+from .prompting import training_prompt
+
+BASE_ROW = "__base__"  # peft's name for "no adapter" in per-row adapter_names
+
+
+class AdapterPool:
+    """Adapters are read from disk when added; at most `max_loaded` stay resident (least recently used evicted
+    and re-read on demand). All model calls hold one lock, so concurrent callers never see another's adapter."""
+
+    def __init__(self, base: str, quantization: str = "none", dtype: str = "float32", max_loaded: int = 8,
+                 tokenizer: str | None = None):
+        run_manifest = Path(base) / "run.json"
+        if run_manifest.is_file():  # a run folder: its base, quantization, dtype and tokenizer
+            recipe = load_recipe(Path(base) / "recipe.yaml")
+            section = recipe.model.model_copy(update={
+                "name_or_path": json.loads(run_manifest.read_text())["base_model"]["name_or_path"],
+                "init": "pretrained", "tokenizer": tokenizer or base})
+            quant = recipe.quantization
+        else:
+            section = ModelSection(name_or_path=base, dtype=dtype, tokenizer=tokenizer)
+            quant = QuantizationSection(mode=quantization, compute_dtype=dtype)
+        self.base_id = section.name_or_path
+        self.tokenizer = load_tokenizer(section, "AdapterPool")
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        self.model = load_base(section, quant, section.name_or_path, "AdapterPool").eval()
+        self.max_loaded = max_loaded
+        self.paths: dict[str, Path] = {}
+        self.prompts = {}
+        self.resident: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
+        self.lock = threading.RLock()
+
+    def add(self, name: str, path: str | Path) -> None:
+        check_name(name)
+        folder = Path(path).expanduser().resolve()
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        check_adapter(folder, base, self.base_id)
+        with self.lock:
+            if name in self.resident:
+                self._unload(name)
+            self.paths[name] = folder
+            self.prompts[name] = training_prompt(folder, self.tokenizer)
+            self._ensure_loaded(name)
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            self._known(name)
+            if name in self.resident:
+                self._unload(name)
+            del self.paths[name], self.prompts[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    @contextmanager
+    def use(self, name: str | None):
+        """Plain model calls inside the block run with this adapter (None: the bare base)."""
+        with self.lock:
+            if name is None:
+                if isinstance(self.model, PeftModel):
+                    with self.model.disable_adapter():
+                        yield self.model
+                else:
+                    yield self.model
+                return
+            self._ensure_loaded(name)
+            self.model.set_adapter(name)
+            yield self.model
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], adapter: str | None | list[str | None] = None,
+                 max_new_tokens: int = 64, template: bool = True, **generate_kwargs) -> str | list[str]:
+        """Greedy by default. One adapter for all prompts, or one per prompt (a single mixed batch)."""
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise fail("generate", "adapter", f"{len(adapters)} adapters for {len(prompts)} prompts",
+                       "give one adapter per prompt, or a single one for all")
+        texts = [self.prompts[a](p) if template and a is not None else p
+                 for p, a in zip(prompts, (self._known(a) for a in adapters))]
+        generate_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+        with self.lock:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.model.device)
+            if len(set(adapters)) == 1:
+                with self.use(adapters[0]) as model:
+                    out = model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id)
+            else:
+                needed = {a for a in adapters if a is not None}
+                if len(needed) > self.max_loaded:
+                    raise fail("generate", "adapter", f"{len(needed)} adapters in one batch, max_loaded is "
+                               f"{self.max_loaded}", "raise max_loaded or split the batch")
+                for name in needed:
+                    self._ensure_loaded(name)
+                out = self.model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
+                                          adapter_names=[a or BASE_ROW for a in adapters])
+        new = out[:, batch["input_ids"].shape[1]:]
+        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return decoded[0] if single else decoded
+
+    def _known(self, name: str | None) -> str | None:
+        if name is not None and name not in self.paths:
+            raise fail("AdapterPool", "adapter", f"{name!r} was never added (known: {sorted(self.paths)})",
+                       "call pool.add(name, path) first")
+        return name
+
+    def _ensure_loaded(self, name: str) -> None:
+        self._known(name)
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        path = str(self.paths[name])
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        self.resident[name] = None
+        while len(self.resident) > self.max_loaded:  # evict after loading: peft keeps at least one adapter
+            self._unload(next(iter(self.resident)))
+
+    def _unload(self, name: str) -> None:
+        self.model.delete_adapter(name)
+        del self.resident[name]

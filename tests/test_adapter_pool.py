@@ -1,0 +1,149 @@
+"""AdapterPool: swapping adapters gives exactly what a freshly loaded adapter gives, per call and per row."""
+import threading
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from conftest import recipe_dict, write_recipe
+from lora_tuner import AdapterPool, UserError, load_recipe, run
+from lora_tuner.cli import main
+from lora_tuner.data import ALPACA, render
+from lora_tuner.model.loading import load_base
+
+IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130]])
+PROMPT = "Reverse the word: apple"
+
+
+def make_adapter(base_folder, folder, seed, **lora):
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    torch.manual_seed(seed)
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False,
+                           **lora})
+    get_peft_model(base, config).save_pretrained(folder)
+    return str(folder)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def fresh(base_folder, adapter=None, quantization="none"):
+    from lora_tuner.config.schema import ModelSection, QuantizationSection
+
+    section = ModelSection(name_or_path=base_folder, dtype="float32")
+    model = load_base(section, QuantizationSection(mode=quantization, compute_dtype="float32"), base_folder)
+    return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
+
+
+def greedy(model, tokenizer, text):
+    batch = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture
+def adapters(tmp_path, tiny_base):
+    base = tiny_base("llama")
+    return base, make_adapter(base, tmp_path / "a", 1), make_adapter(base, tmp_path / "b", 2, r=4)
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_swapped_adapter_equals_freshly_loaded(adapters, quantization):
+    base, a, b = adapters
+    pool = AdapterPool(base, quantization=quantization)
+    pool.add("a", a)
+    pool.add("b", b)
+    for name in ("a", "b", "a"):  # A -> B -> A
+        with pool.use(name) as model:
+            got = logits(model)
+    reference = fresh(base, a, quantization)
+    assert (got - logits(reference)).abs().max() <= 1e-6
+    assert pool.generate(PROMPT, adapter="a", template=False, max_new_tokens=12) == greedy(reference, pool.tokenizer,
+                                                                                          PROMPT)
+    with pool.use("b") as model:
+        assert (logits(model) - logits(fresh(base, b, quantization))).abs().max() <= 1e-6
+    with pool.use(None) as model:
+        assert torch.equal(logits(model), logits(fresh(base, quantization=quantization)))
+    assert pool.generate(PROMPT, adapter="a", template=False) != pool.generate(PROMPT, adapter="b", template=False)
+
+
+def test_mixed_batch_equals_rows_one_by_one(adapters):
+    base, a, b = adapters
+    pool = AdapterPool(base)
+    pool.add("a", a)
+    pool.add("b", b)
+    prompts = [PROMPT, "Add 2 and 3", "Sort: pear"]
+    mixed = pool.generate(prompts, adapter=["a", "b", None], template=False)
+    one_by_one = [pool.generate(p, adapter=n, template=False) for p, n in zip(prompts, ["a", "b", None])]
+    assert mixed == one_by_one
+
+
+def test_thousand_swaps_and_evictions_keep_memory_flat(tmp_path, adapters):
+    base, a, _ = adapters
+    b, c = make_adapter(base, tmp_path / "b8", 4), make_adapter(base, tmp_path / "c", 3)  # all of rank 8
+    pool = AdapterPool(base, max_loaded=2)
+    for name, path in (("a", a), ("b", b), ("c", c)):
+        pool.add(name, path)
+    count = sum(p.numel() for p in pool.model.parameters())
+    for i in range(1000):
+        with pool.use("abc"[i % 3]):
+            pass
+    assert sum(p.numel() for p in pool.model.parameters()) == count
+    assert len(pool.resident) == 2
+    with pool.use("a") as model:  # evicted many times, re-read from disk: still exact
+        assert (logits(model) - logits(fresh(base, a))).abs().max() <= 1e-6
+
+
+def test_threads_each_get_their_own_adapter(adapters):
+    base, a, b = adapters
+    pool = AdapterPool(base)
+    pool.add("a", a)
+    pool.add("b", b)
+    expected = {n: pool.generate(PROMPT, adapter=n, template=False) for n in ("a", "b")}
+    results, errors = {"a": [], "b": []}, []
+
+    def worker(name):
+        try:
+            for _ in range(10):
+                results[name].append(pool.generate(PROMPT, adapter=name, template=False))
+        except Exception as exc:  # surfaced below; a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert results == {n: [expected[n]] * 10 for n in ("a", "b")}
+
+
+def test_gptj_adapter_on_llama_base_is_refused(tmp_path, tiny_base):
+    gptj_adapter = make_adapter(tiny_base("gptj"), tmp_path / "gptj", 1)
+    pool = AdapterPool(tiny_base("llama"))
+    with pytest.raises(UserError) as error:
+        pool.add("j", gptj_adapter)
+    assert str(error.value) == (f"{gptj_adapter}: adapter: targets 'transformer.h.0.attn.k_proj', which base "
+                                f"{tiny_base('llama')!r} does not have; this adapter belongs to another architecture; "
+                                "load it on its own base")
+    with pytest.raises(UserError, match="not a plain identifier"):
+        pool.add("../x", gptj_adapter)
+
+
+def test_run_folder_prompt_template_is_applied(tmp_path, tiny_base, alpaca_file):
+    recipe = load_recipe(write_recipe(tmp_path, recipe_dict(tiny_base("llama"), alpaca_file,
+                                                            train={"max_steps": 2})))
+    folder = run(recipe, output=str(tmp_path / "run")).folder
+    pool = AdapterPool(str(folder))  # base, quantization and tokenizer from the run
+    pool.add("tasks", folder)
+    templated = pool.generate(PROMPT, adapter="tasks")
+    assert templated == pool.generate(render(ALPACA, PROMPT, ""), adapter="tasks", template=False)
+
+    cli = CliRunner().invoke(main, ["generate", "--adapter", str(folder), "--prompt", PROMPT])
+    assert cli.exit_code == 0, cli.output
+    assert f"[run] {templated}" in cli.output
