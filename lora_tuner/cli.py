@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import Problem, UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SET_HELP = "Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable)."
@@ -121,6 +121,30 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
         v = report["verification"]
         click.echo(f"verified against the {v['reference']}: max |logit diff| {v['max_abs_logit_diff']:.3g}, "
                    f"mean KL {v['mean_kl']:.3g}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--gpu", default="h100", show_default=True, help="GPU to plan for: " + ", ".join(
+    ["h200", "h100", "a100-80", "a100-40", "l40s", "a10g", "l4", "rtx4090", "rtx3090", "v100", "t4"]) + ".")
+@click.option("--tokens", type=int, help="Tokens the run trains on, when the data set is not local or known.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@user_errors
+def plan(recipe, gpu, tokens, overrides):
+    """Memory breakdown and time estimate for RECIPE on a GPU, from the model config alone (no weights).
+
+    \b
+    Examples:
+      lora-tune plan recipes/llama-7b-qlora-alpaca.yaml --gpu t4
+      lora-tune plan recipes/gptj-6b-qlora-alpaca.yaml --set train.batch_size=4
+    """
+    from .config import load_recipe
+    from .plan import GPUS, make_plan
+
+    if gpu not in GPUS:
+        raise UserError([Problem("--gpu", "--gpu", f"{gpu!r} is not in the table",
+                                 f"use one of {', '.join(GPUS)}")])
+    click.echo("\n".join(make_plan(load_recipe(recipe, overrides), recipe, gpu, tokens).lines()))
 
 
 def _pool(adapters: tuple[str, ...], base: str | None):

@@ -42,6 +42,12 @@ class LoraDeltas:
         delta = (b @ a) * scale
         return delta.T if self.fan_in_fan_out else delta
 
+    def delta_shape(self, base_key: str) -> list[int]:
+        """The shape delta() will have, without computing it."""
+        stem = PEFT_PREFIX + base_key.removesuffix(".weight")
+        shape = [self._tensors[f"{stem}.lora_B.weight"].shape[0], self._tensors[f"{stem}.lora_A.weight"].shape[1]]
+        return shape[::-1] if self.fan_in_fan_out else shape
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())

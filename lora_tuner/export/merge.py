@@ -169,7 +169,7 @@ def _check_fit(deltas: LoraDeltas, shards: list[Path], base_folder: Path, source
         if key not in shapes:
             raise fail(source, "adapter", f"targets {key!r}, which base {str(base_folder)!r} does not have",
                        "pass the --base this adapter was trained on")
-        delta_shape = list(deltas.delta(key).shape)
+        delta_shape = deltas.delta_shape(key)
         if delta_shape != list(shapes[key]):
             raise fail(source, "adapter", f"{key!r} is {delta_shape} in the adapter but {list(shapes[key])} in base "
                        f"{str(base_folder)!r}", "pass the --base this adapter was trained on")

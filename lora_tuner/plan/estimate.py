@@ -1,0 +1,170 @@
+"""`lora-tune plan`: memory breakdown and time estimate from the config, the recipe and the data, no weights."""
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from ..config.schema import Recipe
+from ..data.reading import BUILTIN_DEMO, is_local
+from ..errors import fail
+from ..model.anatomy import meta_model, quantized_linears
+from .gpus import GPUS, Gpu
+from .known_configs import KNOWN, KNOWN_DATA
+
+PLANNING_MFU = 0.4  # fraction of peak a well-fed LoRA run reaches; measured runs are in benchmarks/results
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+GIB = 2**30
+
+
+@dataclass
+class Plan:
+    gpu: Gpu
+    params: int  # base model parameters
+    quantized_params: int  # in linear layers that bitsandbytes replaces
+    lora_params: int
+    matmul_params: int  # weights of every linear layer, lm_head included: 2 FLOPs per token each way
+    memory: dict[str, int]  # bytes per component
+    tokens: int | None  # tokens the run will train on (all epochs)
+    tokens_note: str
+    checkpointing: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= 0.9 * self.gpu.memory_gb * 1e9  # ~10% for CUDA context and fragmentation
+
+    @property
+    def flops_per_token(self) -> int:
+        passes = 3 if self.checkpointing else 2  # forward, input-gradient backward, and a recompute
+        return 2 * self.matmul_params * passes
+
+    @property
+    def seconds(self) -> float | None:
+        if self.tokens is None:
+            return None
+        return self.tokens * self.flops_per_token / (self.gpu.tflops * 1e12 * PLANNING_MFU)
+
+    def lines(self) -> list[str]:
+        rows = [f"parameters      {_count(self.params):>10s}  ({_count(self.quantized_params)} quantized, "
+                f"LoRA {_count(self.lora_params)} trainable)"]
+        rows += [f"{name:15s} {size / GIB:8.2f} GiB" for name, size in self.memory.items()]
+        verdict = "fits" if self.fits else "does NOT fit"
+        rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} on {self.gpu.name} "
+                    f"({self.gpu.memory_gb} GB)")
+        if self.seconds is None:
+            rows.append(f"time            unknown: {self.tokens_note}")
+        else:
+            rows.append(f"time            {self.seconds / 60:8.1f} min for {self.tokens / 1e6:.2f} M tokens "
+                        f"({self.tokens_note}) at {PLANNING_MFU:.0%} of {self.gpu.tflops:g} TFLOP/s")
+        return rows
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
+
+
+def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None) -> Plan:
+    config = model_config(recipe, source)
+    model = meta_model(config)
+    quantized = quantized_linears(model) if recipe.quantization.mode != "none" else {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = lora_targets(recipe, linears, model)
+    params = sum(p.numel() for p in model.parameters())
+    quantized_params = sum(m.weight.numel() for m in quantized.values())
+    lora_params = sum(recipe.lora.rank * (m.in_features + m.out_features) for m in targets.values())
+    counted_tokens, note = _tokens(recipe, source, tokens)
+    return Plan(
+        gpu=GPUS[gpu], params=params, quantized_params=quantized_params, lora_params=lora_params,
+        matmul_params=sum(m.weight.numel() for m in linears.values()),
+        memory=_memory(recipe, config, params, quantized, lora_params),
+        tokens=counted_tokens, tokens_note=note, checkpointing=recipe.train.gradient_checkpointing,
+    )
+
+
+def model_config(recipe: Recipe, source: str) -> PretrainedConfig:
+    model = recipe.model
+    if model.init == "random":
+        return AutoConfig.for_model(**model.config)
+    if model.name_or_path in KNOWN:
+        return AutoConfig.for_model(**KNOWN[model.name_or_path])
+    try:  # a local folder, or a hub id already in the cache
+        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
+    except OSError:
+        raise fail(source, "model.name_or_path", f"no config.json for {model.name_or_path!r} on this machine",
+                   "point it at a local model folder (only config.json is read)") from None
+
+
+def lora_targets(recipe: Recipe, linears: dict, model) -> dict:
+    """The linear layers peft wraps: all but the output head for all-linear, else names ending in a target."""
+    if recipe.lora.target_modules == "all-linear":
+        head = model.get_output_embeddings()
+        return {n: m for n, m in linears.items() if m is not head}
+    return {n: m for n, m in linears.items()
+            if any(n == t or n.endswith("." + t) for t in recipe.lora.target_modules)}
+
+
+def _memory(recipe: Recipe, config, params: int, quantized: dict, lora_params: int) -> dict[str, int]:
+    mode = recipe.quantization.mode
+    dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
+    quantized_params = sum(m.weight.numel() for m in quantized.values())
+    if mode == "none":
+        weights, constants = params * dtype_bytes, 0
+    else:
+        # prepare_model_for_kbit_training keeps every unquantized parameter (embeddings, norms, head) in fp32
+        rest = (params - quantized_params) * 4
+        if mode == "4bit":
+            weights = quantized_params // 2 + rest
+            blocks = quantized_params // 64  # one absmax per 64 weights
+            constants = blocks + blocks // 256 * 4 if recipe.quantization.double_quant else blocks * 4
+        else:
+            weights = quantized_params + rest
+            constants = sum(m.out_features * 4 for m in quantized.values())  # one fp32 scale per row
+    # adapter weight + gradient (bf16 under QLoRA, as TRL trains them; fp32 otherwise) + two fp32 Adam moments
+    adapter_bytes = 2 + 2 if mode == "4bit" else 4 + 4
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    act_bytes = 4 if recipe.model.dtype == "float32" else 2
+    hidden = config.get_text_config().hidden_size
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    per_layer = (8 * hidden + 5 * inner) * act_bytes  # saved tensors per token per layer (flash/SDPA attention)
+    layers = config.get_text_config().num_hidden_layers
+    if recipe.train.gradient_checkpointing:
+        activations = tokens * (layers * hidden * act_bytes + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    return {
+        "weights": weights,
+        "quant consts": constants,
+        "LoRA + Adam": lora_params * (adapter_bytes + 8),
+        "activations": activations,
+        "logits": tokens * config.get_text_config().vocab_size * (act_bytes + 4 + 4),  # logits, fp32 copy, grad
+    }
+
+
+def _tokens(recipe: Recipe, source: str, tokens: int | None) -> tuple[int | None, str]:
+    train, data = recipe.train, recipe.data
+    if tokens is not None:
+        return tokens, "given"
+    if train.max_steps:
+        step_tokens = train.max_steps * train.batch_size * train.gradient_accumulation * data.max_length
+        return step_tokens, f"{train.max_steps} steps of full packed rows"
+    if data.path in KNOWN_DATA:
+        known = KNOWN_DATA[data.path]
+        total = int(known["rows"] * known["tokens_per_row"] * train.epochs)
+        return total, f"{train.epochs:g} epoch(s) of {known['rows']:,} rows x {known['tokens_per_row']} tokens"
+    if data.path == BUILTIN_DEMO or is_local(data.path):
+        from ..data import prepare_data
+        from ..data.prepare import token_lengths
+        from ..model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe.model, source)
+        rows = list(prepare_data(recipe, tokenizer, source).train)
+        return int(sum(token_lengths(tokenizer, rows)) * train.epochs), f"{train.epochs:g} epoch(s), counted"
+    return None, "pass --tokens N for a hub data set lora-tune does not know"
+
+
+def describe_model(recipe: Recipe) -> str:
+    return recipe.model.name_or_path or f"random {recipe.model.config.get('model_type')}"
+

@@ -1,0 +1,12 @@
+"""Configs of the bundled recipes' bases, so `lora-tune plan` works offline (they are the public config.json
+fields that matter for size; anything else is read with AutoConfig when it is on disk or in the hub cache)."""
+KNOWN = {
+    "huggyllama/llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    "EleutherAI/gpt-j-6b": dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                                vocab_size=50400, n_positions=2048, tie_word_embeddings=False),
+}
+
+# Measured on ../shared/data/alpaca_5000.json with the LLaMA tokenizer and the Alpaca template.
+KNOWN_DATA = {"tatsu-lab/alpaca": dict(rows=52002, tokens_per_row=129)}

@@ -1,0 +1,57 @@
+"""`lora-tune plan`: its arithmetic checked against real tiny models, and it runs offline on the 7B recipes."""
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import recipe_dict, write_recipe
+from lora_tuner import load_recipe
+from lora_tuner.cli import main
+from lora_tuner.model.loading import load_base
+from lora_tuner.model.lora import attach_lora
+from lora_tuner.plan import make_plan
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def weight_bytes(model) -> int:
+    """What the loaded weights really occupy, 4-bit quantization constants included."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+@pytest.mark.parametrize("kind", ["llama", "gptj"])
+@pytest.mark.parametrize("mode", ["none", "4bit"])
+def test_plan_matches_the_real_model(tmp_path, tiny_base, alpaca_file, kind, mode):
+    recipe = load_recipe(write_recipe(tmp_path, recipe_dict(tiny_base(kind), alpaca_file,
+                                                            quantization={"mode": mode})))
+    plan = make_plan(recipe, "test", "h100")
+    base = load_base(recipe.model, recipe.quantization, recipe.model.name_or_path)
+    if mode == "none":
+        assert plan.params == sum(p.numel() for p in base.parameters())
+    model = attach_lora(base, recipe)  # 4-bit: prepare_model_for_kbit_training upcasts the rest to fp32, as planned
+    assert plan.lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    planned = plan.memory["weights"] + plan.memory["quant consts"]
+    actual = weight_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert abs(planned - actual) / actual < 0.05, (planned, actual)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*7b*.yaml")) + sorted(RECIPES.glob("*6b*.yaml")),
+                         ids=lambda p: p.stem)
+def test_plan_prints_a_breakdown_for_the_big_recipes_offline(recipe):
+    result = CliRunner().invoke(main, ["plan", str(recipe), "--gpu", "a100-40"])
+    assert result.exit_code == 0, result.output
+    for part in ("parameters", "weights", "quant consts", "LoRA + Adam", "activations", "logits", "total", "min for"):
+        assert part in result.output
+
+
+def test_plan_counts_llama_7b_like_the_paper():
+    plan = make_plan(load_recipe(RECIPES / "llama-7b-qlora-alpaca.yaml"), "test", "h100")
+    assert plan.params == 6_738_415_616  # LLaMA-7B's published parameter count
+    assert plan.fits and 8 < plan.total_bytes / 2**30 < 14, plan.lines()
