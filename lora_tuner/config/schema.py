@@ -110,7 +110,12 @@ class TrainSection(Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw_torch", description="Optimizer (8-bit ones from bitsandbytes need CUDA)."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: Union[Literal["auto"], bool] = Field(
+        "auto", description="Recompute activations in backward (less memory, ~30% slower); auto: only on a GPU "
+        "the run would not fit otherwise (per lora-tune plan).")
+    liger: Union[Literal["auto"], bool] = Field(
+        "auto", description="Liger's fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); auto: on "
+        "CUDA when liger-kernel is installed.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps (metrics.jsonl, tensorboard).")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the validation rows every N steps.")

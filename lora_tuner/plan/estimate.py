@@ -66,22 +66,44 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
 
 
-def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None) -> Plan:
+@dataclass
+class Anatomy:
+    config: PretrainedConfig
+    params: int
+    quantized: dict  # name -> Linear that bitsandbytes replaces
+    linears: dict  # name -> every Linear, lm_head included
+    lora_params: int
+
+
+def anatomy(recipe: Recipe, source: str) -> Anatomy:
     config = model_config(recipe, source)
     model = meta_model(config)
-    quantized = quantized_linears(model) if recipe.quantization.mode != "none" else {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = lora_targets(recipe, linears, model)
-    params = sum(p.numel() for p in model.parameters())
-    quantized_params = sum(m.weight.numel() for m in quantized.values())
-    lora_params = sum(recipe.lora.rank * (m.in_features + m.out_features) for m in targets.values())
+    return Anatomy(
+        config=config, params=sum(p.numel() for p in model.parameters()),
+        quantized=quantized_linears(model) if recipe.quantization.mode != "none" else {}, linears=linears,
+        lora_params=sum(recipe.lora.rank * (m.in_features + m.out_features)
+                        for m in lora_targets(recipe, linears, model).values()),
+    )
+
+
+def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None) -> Plan:
+    parts = anatomy(recipe, source)
+    checkpointing = recipe.train.gradient_checkpointing
+    if checkpointing == "auto":  # as `lora-tune run` decides on a GPU: only when it would not fit otherwise
+        checkpointing = sum(_memory(recipe, parts, False).values()) > 0.9 * GPUS[gpu].memory_gb * 1e9
     counted_tokens, note = _tokens(recipe, source, tokens)
     return Plan(
-        gpu=GPUS[gpu], params=params, quantized_params=quantized_params, lora_params=lora_params,
-        matmul_params=sum(m.weight.numel() for m in linears.values()),
-        memory=_memory(recipe, config, params, quantized, lora_params),
-        tokens=counted_tokens, tokens_note=note, checkpointing=recipe.train.gradient_checkpointing,
+        gpu=GPUS[gpu], params=parts.params, quantized_params=sum(m.weight.numel() for m in parts.quantized.values()),
+        lora_params=parts.lora_params, matmul_params=sum(m.weight.numel() for m in parts.linears.values()),
+        memory=_memory(recipe, parts, checkpointing), tokens=counted_tokens, tokens_note=note,
+        checkpointing=checkpointing,
     )
+
+
+def memory_without_checkpointing(recipe: Recipe, source: str) -> int:
+    """Planned bytes with gradient checkpointing off: what `auto` compares with the GPU's memory."""
+    return sum(_memory(recipe, anatomy(recipe, source), False).values())
 
 
 def model_config(recipe: Recipe, source: str) -> PretrainedConfig:
@@ -106,7 +128,8 @@ def lora_targets(recipe: Recipe, linears: dict, model) -> dict:
             if any(n == t or n.endswith("." + t) for t in recipe.lora.target_modules)}
 
 
-def _memory(recipe: Recipe, config, params: int, quantized: dict, lora_params: int) -> dict[str, int]:
+def _memory(recipe: Recipe, parts: Anatomy, checkpointing: bool) -> dict[str, int]:
+    config, params, quantized, lora_params = parts.config, parts.params, parts.quantized, parts.lora_params
     mode = recipe.quantization.mode
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
     quantized_params = sum(m.weight.numel() for m in quantized.values())
@@ -130,7 +153,7 @@ def _memory(recipe: Recipe, config, params: int, quantized: dict, lora_params: i
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     per_layer = (8 * hidden + 5 * inner) * act_bytes  # saved tensors per token per layer (flash/SDPA attention)
     layers = config.get_text_config().num_hidden_layers
-    if recipe.train.gradient_checkpointing:
+    if checkpointing:
         activations = tokens * (layers * hidden * act_bytes + per_layer)
     else:
         activations = tokens * layers * per_layer
@@ -163,8 +186,3 @@ def _tokens(recipe: Recipe, source: str, tokens: int | None) -> tuple[int | None
         rows = list(prepare_data(recipe, tokenizer, source).train)
         return int(sum(token_lengths(tokenizer, rows)) * train.epochs), f"{train.epochs:g} epoch(s), counted"
     return None, "pass --tokens N for a hub data set lora-tune does not know"
-
-
-def describe_model(recipe: Recipe) -> str:
-    return recipe.model.name_or_path or f"random {recipe.model.config.get('model_type')}"
-

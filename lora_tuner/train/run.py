@@ -21,6 +21,7 @@ from ..model.packing_check import packing_is_isolated
 from ..model.tokenizer import load_tokenizer
 from .manifest import command_line, device, git_commit, now, versions, write_manifest
 from .callbacks import EvaluateAtEnd, MetricsFile, read_metrics
+from .fast_path import resolve_fast_path
 from .plot import plot_loss
 from .sft import sft_config
 
@@ -44,6 +45,7 @@ class RunResult:
             f"loss      first {loss['first']:.4f} -> last {loss['last']:.4f}{eval_part}",
             f"data      {m['data']['train_rows']:,} train / {m['data']['eval_rows']:,} validation rows, "
             f"{m['data']['dropped_rows']} dropped",
+            f"fast path {'; '.join(m['fast_path'])}",
             f"adapter   {f / 'adapter_model.safetensors'}",
             f"plot      {f / 'loss.png'}   metrics {f / 'metrics.jsonl'}   tensorboard {f / 'tensorboard'}",
         ])
@@ -56,13 +58,14 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
                           field="output", what="run")
     folder.check_free(force)
     check_base_source(recipe.model, source)
+    recipe, fast_path = resolve_fast_path(recipe, source)
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe, tokenizer, source)
     if data.dropped:
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
     work = folder.start()
     try:
-        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final)
+        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path)
     except UserError:
         shutil.rmtree(work)  # a refused run leaves nothing behind
         raise
@@ -82,7 +85,7 @@ def make_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData
     )
 
 
-def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path):
+def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path, fast_path: list[str]):
     started = now()
     if recipe.model.init == "random":
         base = load_base(recipe.model, recipe.quantization,
@@ -108,6 +111,7 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
     metrics = read_metrics(work / "metrics.jsonl")
     plot_loss(metrics, work / "loss.png", title=recipe.output.name)
     manifest = _manifest(recipe, source, data, trainer, result, metrics, base_path, started)
+    manifest["fast_path"] = fast_path
     write_manifest(work / "run.json", manifest)
     return model, manifest
 

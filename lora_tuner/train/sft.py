@@ -23,6 +23,7 @@ def sft_config(recipe: Recipe, checkpoints: Path, has_eval: bool) -> SFTConfig:
         max_grad_norm=train.max_grad_norm,
         optim=train.optimizer,
         activation_checkpointing=train.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        use_liger_kernel=train.liger,
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
