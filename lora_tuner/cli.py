@@ -40,19 +40,28 @@ def main():
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Run folder (default: <output.root>/<output.name>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing run folder of the same name.")
+@click.option("--resume", is_flag=True, help="Continue an unfinished run from its newest complete checkpoint.")
 @user_errors
-def run(recipe, output, overrides, force):
+def run(recipe, output, overrides, force, resume):
     """Train a LoRA adapter as RECIPE says.
 
     \b
     Examples:
       lora-tune run recipes/demo-tiny-cpu.yaml
       lora-tune run recipes/llama-7b-qlora-alpaca.yaml --set train.max_steps=100 --output adapters/trial
+      lora-tune run recipes/demo-tiny-cpu.yaml --resume      # after a crash or Ctrl-C
     """
     from .config import load_recipe
     from .train import run as train_run
+    from .train.checkpoints import Interrupted
 
-    result = train_run(load_recipe(recipe, overrides), source=recipe, output=output, force=force)
+    try:
+        result = train_run(load_recipe(recipe, overrides), source=recipe, output=output, force=force, resume=resume)
+    except Interrupted as stop:
+        again = " ".join(["lora-tune run", recipe, *(f"--set {o}" for o in overrides),
+                          *(["--output", output] if output else []), "--resume"])
+        click.echo(f"{stop}; a checkpoint was saved. Continue with:\n  {again}", err=True)
+        sys.exit(128 + stop.signum)
     click.echo(result.summary())
 
 

@@ -4,9 +4,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ..errors import fail
+from ..safe_files import open_safetensors
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PEFT_PREFIX = "base_model.model."
@@ -36,7 +35,7 @@ def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> 
         raise fail(source, "base", f"the adapter was trained on {trained_on!r}, the pool holds {base_id!r}",
                    "load the pool on the adapter's base (its run.json says which)")
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as tensors:
+    with open_safetensors(weights, source, "adapter") as tensors:
         for key in tensors.keys():
             _check_weight(key, tensors.get_slice(key).get_shape(), modules, source, base_id)
 

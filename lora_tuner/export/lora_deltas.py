@@ -4,9 +4,8 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ..errors import fail
+from ..safe_files import open_safetensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -25,7 +24,7 @@ class LoraDeltas:
         self._alpha = config["lora_alpha"]
         self._rslora = config.get("use_rslora", False)
         self._tensors = {}
-        with safe_open(str(weights_path), framework="pt") as weights:
+        with open_safetensors(weights_path, source, "adapter") as weights:
             for key in weights.keys():
                 self._tensors[key] = weights.get_tensor(key)
         self.targets = {_base_key(key) for key in self._tensors if ".lora_A." in key}

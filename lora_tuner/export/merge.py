@@ -14,6 +14,7 @@ from ..config import load_recipe
 from ..config.schema import ModelSection, QuantizationSection, Recipe
 from ..errors import fail
 from ..model.loading import load_base
+from ..safe_files import open_safetensors
 from .as_trained import quantized_weight_names, round_trip_4bit
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
@@ -45,7 +46,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
     folder.check_free(force)
-    _check_disk(tensor_bytes(shards, out_dtype) + deltas.nbytes, folder.final.parent, source)
+    _check_disk(tensor_bytes(shards, out_dtype, source) + deltas.nbytes, folder.final.parent, source)
     work = folder.start()
     files = _stream_merge(deltas, shards, work, out_dtype, _max_bytes(shard_size, source),
                           quantization if into == "dequantized" else None, base_folder, recipe)
@@ -163,7 +164,7 @@ def _check_fit(deltas: LoraDeltas, shards: list[Path], base_folder: Path, source
     """Every adapted weight must exist in the base with the delta's shape, or the merge would be wrong."""
     shapes = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as tensors:
+        with open_safetensors(shard, source, "--base") as tensors:
             shapes.update({key: tensors.get_slice(key).get_shape() for key in tensors.keys()})
     for key in sorted(deltas.targets):
         if key not in shapes:

@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import fail
+from ..safe_files import open_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -26,11 +26,11 @@ def base_shards(folder: Path, source: str) -> list[Path]:
                "point --base at a folder saved with save_pretrained (safetensors)")
 
 
-def tensor_bytes(shards: list[Path], dtype: torch.dtype) -> int:
+def tensor_bytes(shards: list[Path], dtype: torch.dtype, source: str) -> int:
     """Size of all base tensors once cast to dtype (reads headers only)."""
     total = 0
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as tensors:
+        with open_safetensors(shard, source, "--base") as tensors:
             for key in tensors.keys():
                 total += math.prod(tensors.get_slice(key).get_shape()) * dtype.itemsize
     return total

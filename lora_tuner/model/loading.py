@@ -1,11 +1,13 @@
 """Load a base model the safe way: safetensors only unless allowed, no remote code unless asked for."""
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config.schema import ModelSection, QuantizationSection
 from ..errors import fail
+from ..safe_files import open_safetensors
 from .quantization import bnb_config, keep_4bit_weights_unpacked
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -22,8 +24,12 @@ def check_base_source(model: ModelSection, source: str) -> None:
     if not (folder / "config.json").is_file():
         raise fail(source, "model.name_or_path", f"{model.name_or_path!r} is not a model folder (no config.json)",
                    "point it at a folder saved with save_pretrained, or a hub id")
+    _check_remote_code(folder, model, source)
     names = [p.name for p in folder.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
+        for weights in folder.glob("*.safetensors"):
+            with open_safetensors(weights, source, "model.name_or_path"):
+                pass  # the header parses and the file is as long as it says
         return
     if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not model.allow_pickle:
         raise fail(source, "model.allow_pickle", f"{model.name_or_path!r} has only pickled weights, which can run "
@@ -31,6 +37,14 @@ def check_base_source(model: ModelSection, source: str) -> None:
     if not model.allow_pickle:
         raise fail(source, "model.name_or_path", f"{model.name_or_path!r} holds no .safetensors weights",
                    "save the model with save_pretrained (safetensors is the default)")
+
+
+def _check_remote_code(folder: Path, model: ModelSection, source: str) -> None:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not model.trust_remote_code:
+        raise fail(source, "model.trust_remote_code", f"{model.name_or_path!r} needs Python code shipped with the "
+                   f"model (auto_map {sorted(config['auto_map'])})",
+                   "read that code, then set model.trust_remote_code: true if you trust it")
 
 
 def random_config(model: ModelSection, source: str) -> PretrainedConfig:

@@ -1,6 +1,6 @@
 """Attach LoRA adapters with peft."""
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 
 from ..config.schema import Recipe
 
@@ -24,4 +24,5 @@ def attach_lora(base: PreTrainedModel, recipe: Recipe) -> PeftModel:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=recipe.train.gradient_checkpointing
         )
+    set_seed(recipe.train.seed)  # LoRA A is initialised randomly: same seed, same adapter
     return get_peft_model(base, lora_config(recipe))

@@ -30,3 +30,9 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def forget_metrics_after(path: Path, step: int) -> None:
+    """On resume, rows logged after the checkpoint are logged again by the resumed run: drop the old ones."""
+    kept = [row for row in read_metrics(path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")

@@ -20,7 +20,8 @@ from ..model.lora import attach_lora
 from ..model.packing_check import packing_is_isolated
 from ..model.tokenizer import load_tokenizer
 from .manifest import command_line, device, git_commit, now, versions, write_manifest
-from .callbacks import EvaluateAtEnd, MetricsFile, read_metrics
+from .callbacks import EvaluateAtEnd, MetricsFile, forget_metrics_after, read_metrics
+from .checkpoints import Interrupted, SealCheckpoints, StopOnSignal, resume_point
 from .fast_path import resolve_fast_path
 from .plot import plot_loss
 from .sft import sft_config
@@ -52,22 +53,26 @@ class RunResult:
 
 
 def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
-        log: Callable[[str], None] = print) -> RunResult:
-    """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI)."""
+        resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
+    """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI).
+    With resume, an unfinished run of the same recipe continues from its newest complete checkpoint."""
     folder = AtomicFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source,
-                          field="output", what="run")
-    folder.check_free(force)
+                          field="output", what="run", resumable=True)
+    folder.check_free(force, resume)
     check_base_source(recipe.model, source)
     recipe, fast_path = resolve_fast_path(recipe, source)
+    checkpoint = resume_point(folder.partial, dump_recipe(recipe), source, log) if resume else None
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe, tokenizer, source)
     if data.dropped:
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
-    work = folder.start()
+    work = folder.start(resume)
+    (work / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     try:
-        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path)
+        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint)
     except UserError:
-        shutil.rmtree(work)  # a refused run leaves nothing behind
+        if not resume:
+            shutil.rmtree(work)  # a refused run leaves nothing behind
         raise
     return RunResult(folder.finish(), manifest, model)
 
@@ -80,16 +85,19 @@ def make_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(),
+        callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(), SealCheckpoints(),
                    TensorBoardCallback(SummaryWriter(str(work / "tensorboard")))],
     )
 
 
-def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path, fast_path: list[str]):
+def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path,
+           fast_path: list[str], checkpoint: Path | None):
     started = now()
     if recipe.model.init == "random":
-        base = load_base(recipe.model, recipe.quantization,
-                         build_random_base(recipe.model, recipe.train.seed, work / BASE_FOLDER, source), source)
+        built = work / BASE_FOLDER  # already there when resuming; rebuilt identically otherwise
+        if not (built / "config.json").is_file():
+            build_random_base(recipe.model, recipe.train.seed, built, source)
+        base = load_base(recipe.model, recipe.quantization, str(built), source)
         base_path = str(final / BASE_FOLDER)  # where it lives once the run folder is in place
     else:
         base_path = recipe.model.name_or_path
@@ -100,18 +108,24 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
                    "set data.packing: false, or try another model.attn_implementation")
     model = attach_lora(base, recipe)
     trainer = make_trainer(recipe, model, tokenizer, data, work)
-    result = trainer.train()
+    if checkpoint:
+        forget_metrics_after(work / "metrics.jsonl", int(checkpoint.name.removeprefix("checkpoint-")))
+    with StopOnSignal() as stop:
+        trainer.add_callback(stop)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.received is not None:
+        raise Interrupted(stop.received, trainer.state.global_step)
     # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder.
     model.save_pretrained(work)
     _point_adapter_at(work, base_path)
     tokenizer.save_pretrained(work)
-    (work / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     metrics = read_metrics(work / "metrics.jsonl")
     plot_loss(metrics, work / "loss.png", title=recipe.output.name)
     manifest = _manifest(recipe, source, data, trainer, result, metrics, base_path, started)
     manifest["fast_path"] = fast_path
+    manifest["resumed_from"] = checkpoint.name if checkpoint else None
     write_manifest(work / "run.json", manifest)
     return model, manifest
 
