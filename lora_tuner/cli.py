@@ -62,7 +62,8 @@ def run(recipe, output, overrides, force, resume):
                           *(["--output", output] if output else []), "--resume"])
         click.echo(f"{stop}; a checkpoint was saved. Continue with:\n  {again}", err=True)
         sys.exit(128 + stop.signum)
-    click.echo(result.summary())
+    if result.manifest:  # empty on ranks other than 0 under torchrun / accelerate launch
+        click.echo(result.summary())
 
 
 @main.command()
@@ -137,9 +138,11 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
 @click.option("--gpu", default="h100", show_default=True, help="GPU to plan for: " + ", ".join(
     ["h200", "h100", "a100-80", "a100-40", "l40s", "a10g", "l4", "rtx4090", "rtx3090", "v100", "t4"]) + ".")
 @click.option("--tokens", type=int, help="Tokens the run trains on, when the data set is not local or known.")
+@click.option("--world-size", default=1, show_default=True, type=click.IntRange(1),
+              help="GPUs the run is launched on (per-GPU memory follows distributed.strategy).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @user_errors
-def plan(recipe, gpu, tokens, overrides):
+def plan(recipe, gpu, tokens, world_size, overrides):
     """Memory breakdown and time estimate for RECIPE on a GPU, from the model config alone (no weights).
 
     \b
@@ -153,7 +156,7 @@ def plan(recipe, gpu, tokens, overrides):
     if gpu not in GPUS:
         raise UserError([Problem("--gpu", "--gpu", f"{gpu!r} is not in the table",
                                  f"use one of {', '.join(GPUS)}")])
-    click.echo("\n".join(make_plan(load_recipe(recipe, overrides), recipe, gpu, tokens).lines()))
+    click.echo("\n".join(make_plan(load_recipe(recipe, overrides), recipe, gpu, tokens, world_size).lines()))
 
 
 def _pool(adapters: tuple[str, ...], base: str | None):

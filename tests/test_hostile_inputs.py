@@ -93,6 +93,8 @@ CASES = {
     "resume-nothing": (lambda t, b, a: run_args(t, b, a) + ["--resume"], ["--resume", "no unfinished run"]),
     "resume-other-recipe": (lambda t, b, a: unfinished(t, run_args(t, b, a) + ["--resume"]),
                             ["--resume", "another recipe"]),
+    "deepspeed-missing": (lambda t, b, a: run_args(t, b, a, distributed={"strategy": "deepspeed-zero3"}),
+                          ["distributed.strategy", "pip install deepspeed"]),
     "truncated-adapter": (lambda t, b, a: merge_args(t, b, (lambda p: (truncate(p / "adapter_model.safetensors"), p)[1])(
         adapter_for(b("llama"), t / "adapter"))), ["adapter", "truncated or not a safetensors file"]),
     "pickled-adapter": (lambda t, b, a: merge_args(t, b, pickled_adapter(b, t)), ["adapter", "adapter_model.bin"]),

@@ -55,3 +55,13 @@ def test_plan_counts_llama_7b_like_the_paper():
     plan = make_plan(load_recipe(RECIPES / "llama-7b-qlora-alpaca.yaml"), "test", "h100")
     assert plan.params == 6_738_415_616  # LLaMA-7B's published parameter count
     assert plan.fits and 8 < plan.total_bytes / 2**30 < 14, plan.lines()
+
+
+def test_plan_accounts_for_world_size():
+    recipe = load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml", ["distributed.strategy=fsdp"])
+    one, four = make_plan(recipe, "test", "a100-40"), make_plan(recipe, "test", "a100-40", world_size=4)
+    assert four.memory["weights"] == one.memory["weights"] // 4
+    assert four.memory["activations"] == one.memory["activations"]  # each GPU still holds its own batch
+    assert four.seconds < one.seconds / 3.9
+    ddp = make_plan(load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml"), "test", "a100-40", world_size=4)
+    assert ddp.memory["weights"] == one.memory["weights"]

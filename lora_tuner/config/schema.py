@@ -126,6 +126,14 @@ class TrainSection(Section):
     )
 
 
+class DistributedSection(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "ddp", description="How several processes (torchrun / accelerate launch) share the work; one process "
+        "ignores it. fsdp and zero3 shard the base across GPUs for models that do not fit one.")
+    cpu_offload: bool = Field(False, description="fsdp / deepspeed: keep sharded parameters (zero: optimizer "
+                              "state) in CPU memory; slower, for when even the shards do not fit.")
+
+
 class OutputSection(Section):
     name: str = Field(description="Run name: the adapter lands in <root>/<name>/.")
     root: str = Field("adapters", description="Folder that holds run folders.")
@@ -145,4 +153,5 @@ class Recipe(Section):
     lora: LoraSection = LoraSection()
     data: DataSection
     train: TrainSection = TrainSection()
+    distributed: DistributedSection = DistributedSection()
     output: OutputSection

@@ -64,17 +64,18 @@ def build_random_base(model: ModelSection, seed: int, folder: Path, source: str)
 
 
 def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
-              source: str = "recipe") -> PreTrainedModel:
+              source: str = "recipe", sharded: bool = False) -> PreTrainedModel:
+    """sharded: FSDP / ZeRO-3 will split the weights across ranks, so they are not placed on a device here."""
     try:
         base = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model.revision,
             dtype=getattr(torch, model.dtype),
             attn_implementation=None if model.attn_implementation == "auto" else model.attn_implementation,
-            quantization_config=bnb_config(quantization),
+            quantization_config=bnb_config(quantization, sharded),
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle else True,
-            device_map=_device_map(quantization),
+            device_map=None if sharded else _device_map(quantization),
         )
     except ValueError as exc:
         if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):

@@ -7,7 +7,7 @@ from transformers import BitsAndBytesConfig
 from ..config.schema import QuantizationSection
 
 
-def bnb_config(quantization: QuantizationSection) -> BitsAndBytesConfig | None:
+def bnb_config(quantization: QuantizationSection, sharded: bool = False) -> BitsAndBytesConfig | None:
     if quantization.mode == "none":
         return None
     if quantization.mode == "8bit":
@@ -19,6 +19,9 @@ def bnb_config(quantization: QuantizationSection) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=quantization.quant_type,
         bnb_4bit_use_double_quant=quantization.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        # FSDP shards parameters of one dtype; storing the packed 4-bit bytes as the compute dtype makes the
+        # quantized layers shardable with the rest (QLoRA + FSDP)
+        bnb_4bit_quant_storage=getattr(torch, quantization.compute_dtype) if sharded else torch.uint8,
     )
 
 

@@ -87,16 +87,25 @@ def anatomy(recipe: Recipe, source: str) -> Anatomy:
     )
 
 
-def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None) -> Plan:
+def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None, world_size: int = 1) -> Plan:
+    """Per-GPU memory and wall time; with several GPUs, the recipe's distributed strategy says what is sharded."""
     parts = anatomy(recipe, source)
     checkpointing = recipe.train.gradient_checkpointing
     if checkpointing == "auto":  # as `lora-tune run` decides on a GPU: only when it would not fit otherwise
         checkpointing = sum(_memory(recipe, parts, False).values()) > 0.9 * GPUS[gpu].memory_gb * 1e9
     counted_tokens, note = _tokens(recipe, source, tokens)
+    memory = _memory(recipe, parts, checkpointing)
+    if world_size > 1:
+        counted_tokens = counted_tokens // world_size if counted_tokens else counted_tokens  # each GPU's share
+        note += f", split over {world_size} GPUs ({recipe.distributed.strategy})"
+        sharded = {"ddp": (), "deepspeed-zero2": ("LoRA + Adam",),
+                   "fsdp": ("weights", "quant consts", "LoRA + Adam"),
+                   "deepspeed-zero3": ("weights", "quant consts", "LoRA + Adam")}[recipe.distributed.strategy]
+        memory = {name: size // world_size if name in sharded else size for name, size in memory.items()}
     return Plan(
         gpu=GPUS[gpu], params=parts.params, quantized_params=sum(m.weight.numel() for m in parts.quantized.values()),
         lora_params=parts.lora_params, matmul_params=sum(m.weight.numel() for m in parts.linears.values()),
-        memory=_memory(recipe, parts, checkpointing), tokens=counted_tokens, tokens_note=note,
+        memory=memory, tokens=counted_tokens, tokens_note=note,
         checkpointing=checkpointing,
     )
 

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from accelerate import PartialState
 from transformers import TrainerCallback
 
 from ..errors import fail
@@ -64,6 +65,7 @@ def resume_point(partial: Path, recipe_text: str, source: str, log: Callable[[st
 
 class SealCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # every rank has written its part (e.g. its RNG state)
         if state.is_world_process_zero:
             seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 

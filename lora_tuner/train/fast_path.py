@@ -4,12 +4,16 @@ import importlib.util
 import torch
 
 from ..config.schema import Recipe
+from ..errors import fail
 from ..plan.estimate import memory_without_checkpointing
 
 
 def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
     """The recipe with every 'auto' replaced by a decision, and one line per decision."""
     train, cuda = recipe.train, torch.cuda.is_available()
+    if recipe.distributed.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise fail(source, "distributed.strategy", f"{recipe.distributed.strategy!r} needs the deepspeed package",
+                   "pip install deepspeed, or use ddp or fsdp")
     notes = [f"packing {'on' if recipe.data.packing else 'off'} (data.packing)"]
     checkpointing = train.gradient_checkpointing
     if checkpointing == "auto":

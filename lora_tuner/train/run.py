@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+from accelerate import PartialState
 from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
@@ -34,6 +36,7 @@ class RunResult:
     folder: Path
     manifest: dict
     model: PeftModel  # the trained model, still in memory, for use right away from Python
+    # manifest is {} on ranks other than 0 of a multi-process run: rank 0 speaks for the run
 
     def summary(self) -> str:
         m, f = self.manifest, self.folder
@@ -42,7 +45,8 @@ class RunResult:
         return "\n".join([
             f"run       {f}   ({m['train']['runtime_s']:.0f} s on {m['device']})",
             f"steps     {m['train']['steps']}   tokens {m['train']['tokens']:,}   "
-            f"tokens/s {m['train']['tokens_per_s']:,.0f}",
+            f"tokens/s {m['train']['tokens_per_s']:,.0f}   global batch {m['global_batch']} on "
+            f"{m['world_size']} process(es)",
             f"loss      first {loss['first']:.4f} -> last {loss['last']:.4f}{eval_part}",
             f"data      {m['data']['train_rows']:,} train / {m['data']['eval_rows']:,} validation rows, "
             f"{m['data']['dropped_rows']} dropped",
@@ -55,10 +59,13 @@ class RunResult:
 def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
         resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI).
-    With resume, an unfinished run of the same recipe continues from its newest complete checkpoint."""
+    With resume, an unfinished run of the same recipe continues from its newest complete checkpoint.
+    Under torchrun / accelerate launch every rank calls this; only rank 0 writes the run folder."""
+    ranks = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun ranks talk over gloo
+    log = log if ranks.is_main_process else _quiet
     folder = AtomicFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source,
                           field="output", what="run", resumable=True)
-    folder.check_free(force, resume)
+    folder.check_free(force, resume)  # read-only checks run on every rank, so all ranks stop on bad input
     check_base_source(recipe.model, source)
     recipe, fast_path = resolve_fast_path(recipe, source)
     checkpoint = resume_point(folder.partial, dump_recipe(recipe), source, log) if resume else None
@@ -66,15 +73,24 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     data = prepare_data(recipe, tokenizer, source)
     if data.dropped:
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
-    work = folder.start(resume)
-    (work / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    with ranks.main_process_first():
+        if ranks.is_main_process:
+            folder.start(resume)
+            (folder.partial / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     try:
-        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint)
+        model, manifest = _train(recipe, source, tokenizer, data, folder.partial, folder.final, fast_path, checkpoint)
     except UserError:
-        if not resume:
-            shutil.rmtree(work)  # a refused run leaves nothing behind
+        if not resume and ranks.is_main_process:
+            shutil.rmtree(folder.partial)  # a refused run leaves nothing behind
         raise
-    return RunResult(folder.finish(), manifest, model)
+    if ranks.is_main_process:
+        folder.finish()
+    ranks.wait_for_everyone()
+    return RunResult(folder.final, manifest, model)
+
+
+def _quiet(message: str) -> None:
+    """Ranks other than 0 say nothing; rank 0 speaks for the run."""
 
 
 def make_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData, work: Path) -> SFTTrainer:
@@ -85,30 +101,32 @@ def make_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(), SealCheckpoints(),
-                   TensorBoardCallback(SummaryWriter(str(work / "tensorboard")))],
+        callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(), SealCheckpoints()] + (
+            [TensorBoardCallback(SummaryWriter(str(work / "tensorboard")))] if PartialState().is_main_process else []),
     )
 
 
 def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path,
            fast_path: list[str], checkpoint: Path | None):
-    started = now()
+    started, ranks = now(), PartialState()
+    sharded = ranks.num_processes > 1 and recipe.distributed.strategy in ("fsdp", "deepspeed-zero3")
     if recipe.model.init == "random":
         built = work / BASE_FOLDER  # already there when resuming; rebuilt identically otherwise
-        if not (built / "config.json").is_file():
-            build_random_base(recipe.model, recipe.train.seed, built, source)
-        base = load_base(recipe.model, recipe.quantization, str(built), source)
+        with ranks.main_process_first():
+            if ranks.is_main_process and not (built / "config.json").is_file():
+                build_random_base(recipe.model, recipe.train.seed, built, source)
+        base = load_base(recipe.model, recipe.quantization, str(built), source, sharded)
         base_path = str(final / BASE_FOLDER)  # where it lives once the run folder is in place
     else:
         base_path = recipe.model.name_or_path
-        base = load_base(recipe.model, recipe.quantization, base_path, source)
+        base = load_base(recipe.model, recipe.quantization, base_path, source, sharded)
     if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
         raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
                    f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
                    "set data.packing: false, or try another model.attn_implementation")
     model = attach_lora(base, recipe)
     trainer = make_trainer(recipe, model, tokenizer, data, work)
-    if checkpoint:
+    if checkpoint and ranks.is_main_process:
         forget_metrics_after(work / "metrics.jsonl", int(checkpoint.name.removeprefix("checkpoint-")))
     with StopOnSignal() as stop:
         trainer.add_callback(stop)
@@ -117,17 +135,24 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
         raise Interrupted(stop.received, trainer.state.global_step)
     # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    if not ranks.is_main_process:
+        return model, {}  # rank 0 writes the run folder and its manifest
+    manifest = _manifest(recipe, source, data, trainer, result, read_metrics(work / "metrics.jsonl"), base_path,
+                         started)
+    manifest.update(fast_path=fast_path, resumed_from=checkpoint.name if checkpoint else None,
+                    world_size=ranks.num_processes,
+                    global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * ranks.num_processes)
+    _save(model, tokenizer, recipe, work, base_path, manifest)
+    return model, manifest
+
+
+def _save(model, tokenizer, recipe: Recipe, work: Path, base_path: str, manifest: dict) -> None:
     # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder.
     model.save_pretrained(work)
     _point_adapter_at(work, base_path)
     tokenizer.save_pretrained(work)
-    metrics = read_metrics(work / "metrics.jsonl")
-    plot_loss(metrics, work / "loss.png", title=recipe.output.name)
-    manifest = _manifest(recipe, source, data, trainer, result, metrics, base_path, started)
-    manifest["fast_path"] = fast_path
-    manifest["resumed_from"] = checkpoint.name if checkpoint else None
+    plot_loss(read_metrics(work / "metrics.jsonl"), work / "loss.png", title=recipe.output.name)
     write_manifest(work / "run.json", manifest)
-    return model, manifest
 
 
 def _point_adapter_at(folder: Path, base_path: str) -> None:

@@ -44,4 +44,25 @@ def sft_config(recipe: Recipe, checkpoints: Path, has_eval: bool) -> SFTConfig:
         completion_only_loss=not data.train_on_inputs,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
+        **parallelism(recipe),
     )
+
+
+def parallelism(recipe: Recipe) -> dict:
+    """SFTConfig fields for the recipe's distributed strategy; they matter only when launched on several ranks."""
+    strategy, offload = recipe.distributed.strategy, recipe.distributed.cpu_offload
+    if strategy == "ddp":
+        return {"ddp_find_unused_parameters": False}  # every LoRA weight gets a gradient: skip the graph walk
+    if strategy == "fsdp":
+        return {"fsdp": "full_shard auto_wrap" + (" offload" if offload else ""),
+                "fsdp_config": {"use_orig_params": True,  # frozen base and trainable LoRA in the same unit
+                                "cpu_ram_efficient_loading": True, "sync_module_states": True}}
+    stage = 2 if strategy == "deepspeed-zero2" else 3
+    zero = {"stage": stage, "overlap_comm": True}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                          "train_batch_size": "auto", "gradient_clipping": "auto"}}
