@@ -147,3 +147,9 @@ def test_run_folder_prompt_template_is_applied(tmp_path, tiny_base, alpaca_file)
     cli = CliRunner().invoke(main, ["generate", "--adapter", str(folder), "--prompt", PROMPT])
     assert cli.exit_code == 0, cli.output
     assert f"[run] {templated}" in cli.output
+
+    chat = CliRunner().invoke(main, ["chat", "--adapter", str(folder), "--max-new-tokens", "64"],
+                              input=f"{PROMPT}\n/adapter nope\n/adapter none\n{PROMPT}\n/quit\n")
+    assert chat.exit_code == 0, chat.output
+    assert templated in chat.output and "no adapter 'nope'" in chat.output and "base> " in chat.output
+    assert pool.generate(PROMPT, adapter=None) in chat.output

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 from ..errors import fail
+from ..export.lora_deltas import PEFT_PREFIX
 from ..safe_files import open_safetensors
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-PEFT_PREFIX = "base_model.model."
 
 
 def check_name(name: str) -> str:
