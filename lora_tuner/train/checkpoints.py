@@ -1,8 +1,10 @@
 """Crash safety for training: sealed checkpoints, resuming from the newest complete one, stopping on a signal."""
+import errno
 import os
 import re
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -95,3 +97,27 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+@contextmanager
+def disk_full_is_a_user_error(work: Path, source: str):
+    """ENOSPC surfaces from torch.save, safetensors or plain writes, often wrapped in another exception type;
+    whichever it is, the user gets one line, and the sealed checkpoints stay as they were."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        newest = newest_complete(work / "checkpoints", lambda message: None)
+        kept = f"{newest.name} is intact" if newest else "no checkpoint was completed"
+        again = "run again with --resume" if newest else "run again"
+        raise fail(source, "output", f"no space left on the device of {str(work)!r} while saving; {kept}",
+                   f"free some space, then {again}") from None
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -23,7 +23,7 @@ from ..model.packing_check import packing_is_isolated
 from ..model.tokenizer import load_tokenizer
 from .manifest import command_line, device, git_commit, now, versions, write_manifest
 from .callbacks import EvaluateAtEnd, MetricsFile, forget_metrics_after, read_metrics
-from .checkpoints import Interrupted, SealCheckpoints, StopOnSignal, resume_point
+from .checkpoints import Interrupted, SealCheckpoints, StopOnSignal, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
 from .plot import plot_loss
 from .sft import sft_config
@@ -80,8 +80,9 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     try:
         model, manifest = _train(recipe, source, tokenizer, data, folder.partial, folder.final, fast_path, checkpoint)
     except UserError:
-        if not resume and ranks.is_main_process:
-            shutil.rmtree(folder.partial)  # a refused run leaves nothing behind
+        checkpoints = folder.partial / "checkpoints"
+        if not resume and ranks.is_main_process and not any(checkpoints.glob("checkpoint-*")):
+            shutil.rmtree(folder.partial)  # refused before training: leave nothing behind
         raise
     if ranks.is_main_process:
         folder.finish()
@@ -128,7 +129,7 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
     trainer = make_trainer(recipe, model, tokenizer, data, work)
     if checkpoint and ranks.is_main_process:
         forget_metrics_after(work / "metrics.jsonl", int(checkpoint.name.removeprefix("checkpoint-")))
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, disk_full_is_a_user_error(work, source):
         trainer.add_callback(stop)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.received is not None:
@@ -142,7 +143,8 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
     manifest.update(fast_path=fast_path, resumed_from=checkpoint.name if checkpoint else None,
                     world_size=ranks.num_processes,
                     global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * ranks.num_processes)
-    _save(model, tokenizer, recipe, work, base_path, manifest)
+    with disk_full_is_a_user_error(work, source):
+        _save(model, tokenizer, recipe, work, base_path, manifest)
     return model, manifest
 
 
