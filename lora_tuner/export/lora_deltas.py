@@ -1,4 +1,4 @@
-"""The adapter as weight deltas: for each targeted base weight, scale * B @ A (computed on demand, in fp32)."""
+"""The adapter as weight deltas: each targeted base weight gets scale * B @ A added, on demand, in fp32."""
 import json
 import math
 from pathlib import Path
@@ -29,20 +29,22 @@ class LoraDeltas:
                 self._tensors[key] = weights.get_tensor(key)
         self.targets = {_base_key(key) for key in self._tensors if ".lora_A." in key}
 
-    def delta(self, base_key: str) -> torch.Tensor | None:
-        """scale * B @ A for a base weight name such as 'model.layers.0.self_attn.q_proj.weight'."""
+    def apply(self, base_key: str, weight: torch.Tensor) -> torch.Tensor:
+        """weight + scale * B @ A in fp32 (one fused addmm) for an adapted weight such as
+        'model.layers.0.self_attn.q_proj.weight'; other weights come back unchanged."""
         if base_key not in self.targets:
-            return None
+            return weight
         stem = PEFT_PREFIX + base_key.removesuffix(".weight")
         a = self._tensors[f"{stem}.lora_A.weight"].float()
         b = self._tensors[f"{stem}.lora_B.weight"].float()
         rank = a.shape[0]
         scale = self._alpha / (math.sqrt(rank) if self._rslora else rank)
-        delta = (b @ a) * scale
-        return delta.T if self.fan_in_fan_out else delta
+        if self.fan_in_fan_out:  # weight is stored transposed (GPT-2 style Conv1D)
+            return torch.addmm(weight.float(), a.T, b.T, alpha=scale)
+        return torch.addmm(weight.float(), b, a, alpha=scale)
 
     def delta_shape(self, base_key: str) -> list[int]:
-        """The shape delta() will have, without computing it."""
+        """The shape of B @ A (as the base stores the weight), without computing it."""
         stem = PEFT_PREFIX + base_key.removesuffix(".weight")
         shape = [self._tensors[f"{stem}.lora_B.weight"].shape[0], self._tensors[f"{stem}.lora_A.weight"].shape[1]]
         return shape[::-1] if self.fan_in_fan_out else shape

@@ -4,6 +4,10 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from ..config.schema import ModelSection, QuantizationSection
+from ..model.loading import load_base
+from .prompts import verification_prompts
+
 # max |logit diff| / max |logit| allowed, by the merged dtype: fp32 arithmetic only reorders sums; 16-bit
 # rounding of every merged weight moves logits by up to ~1-2% of their range.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -27,3 +31,15 @@ def compare(export_folder, reference_base, adapter_folder, prompts: list[list[in
     return {"max_abs_logit_diff": max_diff, "max_abs_logit": max_logit,
             "relative_diff": max_diff / max(max_logit, 1e-6), "mean_kl": max(kl_sum / tokens, 0.0),  # not < 0 by rounding
             "prompts": len(prompts)}
+
+
+def verify_export(work, base_folder, adapter, recipe, quantization, into: str, out_dtype, source: str) -> dict:
+    """Compare the export with the adapter on the base it claims to merge into (the 4-bit one for dequantized)."""
+    reference_quantization = quantization if into == "dequantized" else QuantizationSection()
+    dtype = str(out_dtype).removeprefix("torch.")
+    reference = load_base(ModelSection(name_or_path=str(base_folder), dtype=dtype), reference_quantization,
+                          str(base_folder), source)
+    numbers = compare(work, reference, adapter, verification_prompts(adapter, recipe, work))
+    tolerance = TOLERANCE[out_dtype]
+    return {**numbers, "tolerance": tolerance, "passed": numbers["relative_diff"] <= tolerance,
+            "reference": f"adapter on the {'quantized' if into == 'dequantized' else 'full-precision'} base"}

@@ -1,4 +1,5 @@
 """run.json: what is needed to reproduce or audit a run."""
+import hashlib
 import json
 import platform
 import subprocess
@@ -8,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from ..config import dump_recipe
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "lora-tune")
 
@@ -48,3 +51,45 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 def command_line() -> str:
     return " ".join(sys.argv)
+
+
+def run_manifest(recipe, source, data, trainer, result, metrics, base_path, started) -> dict:
+    """Everything run.json records but the fast-path choices, resume point and world size (added by the caller)."""
+    losses = [row["loss"] for row in metrics if "loss" in row]
+    evals = [row["eval_loss"] for row in metrics if "eval_loss" in row]
+    runtime = result.metrics["train_runtime"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
+        "name": recipe.output.name,
+        "recipe": source,
+        "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
+        "command": command_line(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "seed": recipe.train.seed,
+        "base_model": {
+            "name_or_path": base_path,
+            "revision": recipe.model.revision,
+            "init": recipe.model.init,
+            "quantization": recipe.quantization.model_dump(),
+        },
+        "data": {
+            "path": recipe.data.path,
+            "sha256": data.sha256,
+            "rows_read": data.rows_read,
+            "train_rows": len(data.train),
+            "eval_rows": len(data.eval) if data.eval is not None else 0,
+            "dropped_rows": sum(len(rows) for rows in data.dropped.values()),
+            "dropped": data.dropped,
+        },
+        "train": {
+            "steps": trainer.state.global_step,
+            "tokens": tokens,
+            "runtime_s": runtime,
+            "tokens_per_s": tokens / runtime if runtime else 0.0,
+        },
+        "loss": {"first": losses[0], "last": losses[-1], "eval": evals[-1] if evals else None},
+        "device": device(),
+        "started_at": started,
+        "finished_at": now(),
+    }

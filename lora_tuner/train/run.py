@@ -1,5 +1,4 @@
 """`lora-tune run`: recipe -> checked data -> base model + LoRA -> SFTTrainer -> a complete run folder."""
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ from ..model.loading import build_random_base, check_base_source, load_base
 from ..model.lora import attach_lora
 from ..model.packing_check import packing_is_isolated
 from ..model.tokenizer import load_tokenizer
-from .manifest import command_line, device, git_commit, now, versions, write_manifest
 from .callbacks import EvaluateAtEnd, MetricsFile, forget_metrics_after, read_metrics
 from .checkpoints import Interrupted, SealCheckpoints, StopOnSignal, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
+from .manifest import now, run_manifest, write_manifest
 from .plot import plot_loss
 from .sft import sft_config
 
@@ -138,8 +137,8 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if not ranks.is_main_process:
         return model, {}  # rank 0 writes the run folder and its manifest
-    manifest = _manifest(recipe, source, data, trainer, result, read_metrics(work / "metrics.jsonl"), base_path,
-                         started)
+    manifest = run_manifest(recipe, source, data, trainer, result, read_metrics(work / "metrics.jsonl"), base_path,
+                            started)
     manifest.update(fast_path=fast_path, resumed_from=checkpoint.name if checkpoint else None,
                     world_size=ranks.num_processes,
                     global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * ranks.num_processes)
@@ -163,44 +162,3 @@ def _point_adapter_at(folder: Path, base_path: str) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = base_path
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def _manifest(recipe, source, data, trainer, result, metrics, base_path, started) -> dict:
-    losses = [row["loss"] for row in metrics if "loss" in row]
-    evals = [row["eval_loss"] for row in metrics if "eval_loss" in row]
-    runtime = result.metrics["train_runtime"]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    return {
-        "name": recipe.output.name,
-        "recipe": source,
-        "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
-        "command": command_line(),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "seed": recipe.train.seed,
-        "base_model": {
-            "name_or_path": base_path,
-            "revision": recipe.model.revision,
-            "init": recipe.model.init,
-            "quantization": recipe.quantization.model_dump(),
-        },
-        "data": {
-            "path": recipe.data.path,
-            "sha256": data.sha256,
-            "rows_read": data.rows_read,
-            "train_rows": len(data.train),
-            "eval_rows": len(data.eval) if data.eval is not None else 0,
-            "dropped_rows": sum(len(rows) for rows in data.dropped.values()),
-            "dropped": data.dropped,
-        },
-        "train": {
-            "steps": trainer.state.global_step,
-            "tokens": tokens,
-            "runtime_s": runtime,
-            "tokens_per_s": tokens / runtime if runtime else 0.0,
-        },
-        "loss": {"first": losses[0], "last": losses[-1], "eval": evals[-1] if evals else None},
-        "device": device(),
-        "started_at": started,
-        "finished_at": now(),
-    }
