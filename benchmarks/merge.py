@@ -78,8 +78,8 @@ def main() -> None:
         "copy (cp -r)": ["cp", "-r", str(base), str(out)],
         "lora-tune merge": [sys.executable, "-m", "lora_tuner.cli", "merge", str(adapter), "--out", str(out),
                             "--base", str(base), "--shard-size", args.shard_size, "--no-verify", "--dtype", "bf16"],
-        "peft merge_and_unload": [sys.executable, "-c", BASELINE.format(base=str(base), adapter=str(adapter),
-                                                                     out=str(out))],
+        "peft merge_and_unload": [sys.executable, "-c",
+                                  BASELINE.format(base=str(base), adapter=str(adapter), out=str(out))],
         "python imports only": [sys.executable, "-c", IMPORTS_ONLY],
     }
     for name, command in methods.items():

@@ -185,7 +185,7 @@ def generate(adapters, prompts, base, max_new_tokens, no_template):
 
     \b
     Examples:
-      lora-tune generate --adapter adapters/demo-tiny-cpu --prompt "Reverse the word." 
+      lora-tune generate --adapter adapters/demo-tiny-cpu --prompt "Reverse the word."
       lora-tune generate --adapter adapters/a --adapter adapters/b --prompt "Summarise: ..."
     """
     pool = _pool(adapters, base)

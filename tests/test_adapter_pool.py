@@ -63,8 +63,8 @@ def test_swapped_adapter_equals_freshly_loaded(adapters, quantization):
             got = logits(model)
     reference = fresh(base, a, quantization)
     assert (got - logits(reference)).abs().max() <= 1e-6
-    assert pool.generate(PROMPT, adapter="a", template=False, max_new_tokens=12) == greedy(reference, pool.tokenizer,
-                                                                                          PROMPT)
+    pooled = pool.generate(PROMPT, adapter="a", template=False, max_new_tokens=12)
+    assert pooled == greedy(reference, pool.tokenizer, PROMPT)
     with pool.use("b") as model:
         assert (logits(model) - logits(fresh(base, b, quantization))).abs().max() <= 1e-6
     with pool.use(None) as model:

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -49,8 +48,8 @@ CASES = [
     ("bad-run-name", lambda t, b, a: good(t, b, a, output={"name": "../escape"}), ["output.name", "../escape"]),
     ("random-without-config", lambda t, b, a: good(t, b, a, model={"init": "random", "name_or_path": None}),
      ["model", "model.config"]),
-    ("unknown-model-type", lambda t, b, a: good(t, b, a, model={"init": "random", "tokenizer": "bytes",
-                                                               "config": {"model_type": "nosuch"}}),
+    ("unknown-model-type", lambda t, b, a: good(
+        t, b, a, model={"init": "random", "tokenizer": "bytes", "config": {"model_type": "nosuch"}}),
      ["model.config", "model_type"]),
     ("missing-data-file", lambda t, b, a: good(t, b, a, data={"path": str(t / "nope.json")}),
      ["data.path", "nope.json", "not found"]),

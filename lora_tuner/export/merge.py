@@ -200,4 +200,3 @@ def _copy_side_files(base_folder: Path, adapter: Path, work: Path, out_dtype: to
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, work)
-
