@@ -65,3 +65,17 @@ def test_plan_accounts_for_world_size():
     assert four.seconds < one.seconds / 3.9
     ddp = make_plan(load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml"), "test", "a100-40", world_size=4)
     assert ddp.memory["weights"] == one.memory["weights"]
+
+
+def test_auto_batch_is_the_largest_that_fits():
+    recipe = load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml",
+                         ["train.batch_size=auto", "train.gradient_checkpointing=auto"])
+    for gpu in ("a100-80", "a100-40", "rtx4090"):
+        plan = make_plan(recipe, "test", gpu)
+        assert plan.fits, (gpu, plan.lines())
+        bigger = load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml", [
+            f"train.batch_size={plan.batch_size * 2}", f"train.gradient_checkpointing={plan.checkpointing}"])
+        assert plan.batch_size == 64 or not make_plan(bigger, "test", gpu).fits
+    roomy, tight = make_plan(recipe, "test", "a100-80"), make_plan(recipe, "test", "rtx4090")
+    assert not roomy.checkpointing and roomy.batch_size >= 4  # room to spare: no recomputation
+    assert tight.checkpointing  # 16-bit 7B on 24 GB: only with checkpointing

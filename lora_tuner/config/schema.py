@@ -2,7 +2,7 @@
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 DType = Literal["bfloat16", "float16", "float32"]
 
@@ -98,7 +98,9 @@ class DataSection(Section):
 class TrainSection(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Rows per device per step (packed rows hold several examples).")
+    batch_size: Union[Literal["auto"], PositiveInt] = Field(
+        4, description="Rows per device per step (packed rows hold several examples); auto: the largest that "
+        "fits the GPU per lora-tune plan, 2 on CPU.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(

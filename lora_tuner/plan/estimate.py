@@ -27,6 +27,7 @@ class Plan:
     tokens: int | None  # tokens the run will train on (all epochs)
     tokens_note: str
     checkpointing: bool
+    batch_size: int
 
     @property
     def total_bytes(self) -> int:
@@ -52,6 +53,8 @@ class Plan:
                 f"LoRA {_count(self.lora_params)} trainable)"]
         rows += [f"{name:15s} {size / GIB:8.2f} GiB" for name, size in self.memory.items()]
         verdict = "fits" if self.fits else "does NOT fit"
+        rows.append(f"{'batch':15s} {self.batch_size:>8d} rows, gradient checkpointing "
+                    f"{'on' if self.checkpointing else 'off'}")
         rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} on {self.gpu.name} "
                     f"({self.gpu.memory_gb} GB)")
         if self.seconds is None:
@@ -90,9 +93,8 @@ def anatomy(recipe: Recipe, source: str) -> Anatomy:
 def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None, world_size: int = 1) -> Plan:
     """Per-GPU memory and wall time; with several GPUs, the recipe's distributed strategy says what is sharded."""
     parts = anatomy(recipe, source)
+    recipe = fit_to_memory(recipe, parts, 0.9 * GPUS[gpu].memory_gb * 1e9)  # as `lora-tune run` decides
     checkpointing = recipe.train.gradient_checkpointing
-    if checkpointing == "auto":  # as `lora-tune run` decides on a GPU: only when it would not fit otherwise
-        checkpointing = sum(_memory(recipe, parts, False).values()) > 0.9 * GPUS[gpu].memory_gb * 1e9
     counted_tokens, note = _tokens(recipe, source, tokens)
     memory = _memory(recipe, parts, checkpointing)
     if world_size > 1:
@@ -105,14 +107,32 @@ def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None, 
     return Plan(
         gpu=GPUS[gpu], params=parts.params, quantized_params=sum(m.weight.numel() for m in parts.quantized.values()),
         lora_params=parts.lora_params, matmul_params=sum(m.weight.numel() for m in parts.linears.values()),
-        memory=memory, tokens=counted_tokens, tokens_note=note,
-        checkpointing=checkpointing,
+        memory=memory, tokens=counted_tokens, tokens_note=note, checkpointing=checkpointing,
+        batch_size=recipe.train.batch_size,
     )
 
 
-def memory_without_checkpointing(recipe: Recipe, source: str) -> int:
-    """Planned bytes with gradient checkpointing off: what `auto` compares with the GPU's memory."""
-    return sum(_memory(recipe, anatomy(recipe, source), False).values())
+AUTO_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # packed rows of data.max_length tokens
+MIN_BATCH_WITHOUT_CHECKPOINTING = 4  # below this, recomputing activations costs less than tiny batches do
+
+
+def fit_to_memory(recipe: Recipe, parts: "Anatomy", budget: float) -> Recipe:
+    """Resolve train.batch_size and train.gradient_checkpointing when 'auto': the largest batch that fits the
+    budget without checkpointing if that is at least a few rows, else the largest that fits with it."""
+    train = recipe.train
+    batches = AUTO_BATCHES if train.batch_size == "auto" else (train.batch_size,)
+    choices = (False, True) if train.gradient_checkpointing == "auto" else (train.gradient_checkpointing,)
+    for checkpointing in choices:
+        for batch in batches:
+            trial = recipe.model_copy(update={"train": train.model_copy(update={"batch_size": batch})})
+            fits = sum(_memory(trial, parts, checkpointing).values()) <= budget
+            enough = checkpointing or len(choices) == 1 or batch >= min(MIN_BATCH_WITHOUT_CHECKPOINTING, batches[0])
+            if fits and enough:
+                return recipe.model_copy(update={"train": train.model_copy(update={
+                    "batch_size": batch, "gradient_checkpointing": checkpointing})})
+    # nothing fits: the smallest, most frugal setting, and `plan` will say it does not fit
+    return recipe.model_copy(update={"train": train.model_copy(update={
+        "batch_size": batches[-1], "gradient_checkpointing": choices[-1]})})
 
 
 def model_config(recipe: Recipe, source: str) -> PretrainedConfig:

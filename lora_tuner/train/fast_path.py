@@ -5,7 +5,9 @@ import torch
 
 from ..config.schema import Recipe
 from ..errors import fail
-from ..plan.estimate import memory_without_checkpointing
+from ..plan.estimate import anatomy, fit_to_memory
+
+CPU_BATCH = 2  # packed rows: measured fastest on CPU (benchmarks/train_throughput.py), larger ones thrash caches
 
 
 def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
@@ -15,18 +17,20 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
         raise fail(source, "distributed.strategy", f"{recipe.distributed.strategy!r} needs the deepspeed package",
                    "pip install deepspeed, or use ddp or fsdp")
     notes = [f"packing {'on' if recipe.data.packing else 'off'} (data.packing)"]
-    checkpointing = train.gradient_checkpointing
-    if checkpointing == "auto":
-        if cuda:
-            needed = memory_without_checkpointing(recipe, source)
-            available = torch.cuda.get_device_properties(0).total_memory
-            checkpointing = needed > 0.9 * available
-            why = f"plan needs {needed / 2**30:.1f} of {available / 2**30:.1f} GiB without it"
-        else:
-            checkpointing, why = False, "CPU: memory is not the limit, recomputing costs ~30%"
-        notes.append(f"gradient checkpointing {'on' if checkpointing else 'off'} (auto: {why})")
-    else:
-        notes.append(f"gradient checkpointing {'on' if checkpointing else 'off'} (recipe)")
+    automatic = [name for name in ("batch_size", "gradient_checkpointing") if getattr(train, name) == "auto"]
+    if cuda and automatic:
+        available = torch.cuda.get_device_properties(0).total_memory
+        recipe = fit_to_memory(recipe, anatomy(recipe, source), 0.9 * available)
+        why = f"auto: fits {available / 2**30:.0f} GiB per lora-tune plan"
+    else:  # on CPU, or nothing left to decide
+        recipe = recipe.model_copy(update={"train": train.model_copy(update={
+            "batch_size": CPU_BATCH if train.batch_size == "auto" else train.batch_size,
+            "gradient_checkpointing": train.gradient_checkpointing is True})})
+        why = "auto: CPU, where memory is not the limit and recomputing or big batches only cost time"
+    train = recipe.train
+    notes.append(f"batch {train.batch_size} ({why if 'batch_size' in automatic else 'recipe'})")
+    notes.append(f"gradient checkpointing {'on' if train.gradient_checkpointing else 'off'} "
+                 f"({why if 'gradient_checkpointing' in automatic else 'recipe'})")
     liger = train.liger
     if liger == "auto":
         installed = importlib.util.find_spec("liger_kernel") is not None
@@ -35,6 +39,4 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
         notes.append(f"liger kernels {'on' if liger else 'off'} (auto: {why})")
     else:
         notes.append(f"liger kernels {'on' if liger else 'off'} (recipe)")
-    resolved = recipe.model_copy(update={"train": train.model_copy(update={
-        "gradient_checkpointing": checkpointing, "liger": liger})})
-    return resolved, notes
+    return recipe.model_copy(update={"train": train.model_copy(update={"liger": liger})}), notes
