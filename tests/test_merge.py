@@ -100,7 +100,7 @@ def test_export_loads_with_plain_transformers_and_no_peft(tmp_path):
 
 
 def test_merge_holds_about_one_shard_in_memory(tmp_path):
-    """A base of ~10 shards of 20 MB: the merge's peak RSS growth stays near one shard, not the model."""
+    """A base of ~10 shards of 20 MB: the merge's peak RSS growth stays under one shard, whatever the model."""
     sharded_base(tmp_path / "base", "llama", shard="20MB", hidden_size=768, intermediate_size=2048,
                  num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
     shards = list((tmp_path / "base").glob("*.safetensors"))
@@ -126,8 +126,8 @@ def test_merge_holds_about_one_shard_in_memory(tmp_path):
     peak_mb = float(done.stdout.strip().splitlines()[-1])
     print(f"model {model_mb:.0f} MB in {len(shards)} shards; merge peak RSS growth {peak_mb:.0f} MB")
     assert len(shards) >= 8
-    # the shard being filled + its serialized copy + one tensor: about 2.5 shards, whatever the model size
-    assert peak_mb < 3 * 20 < model_mb / 2
+    # tensors are written as they are merged: the peak is a few tensors, under one 20 MB shard
+    assert peak_mb < 20 < model_mb / 8
 
 
 def test_adapter_for_another_base_is_refused(tmp_path):

@@ -13,10 +13,9 @@ from ..atomic_folder import AtomicFolder
 from ..config import load_recipe
 from ..config.schema import QuantizationSection, Recipe
 from ..errors import fail
-from ..safe_files import open_safetensors
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
-from .shards import ShardWriter, base_shards, tensor_bytes
+from .shards import StreamingShards, base_shards, plan_entries
 
 # transformers and peft are imported only by the steps that need them (4-bit round trip, verification):
 # a --no-verify merge of a 16-bit adapter is pure tensor streaming and should not pay seconds of imports.
@@ -40,14 +39,14 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     base_folder = _base_folder(base, adapter, deltas, source)
     into = _merge_target(into, quantization, source)
     out_dtype = _out_dtype(dtype, recipe, base_folder)
-    shards = base_shards(base_folder, source)
-    _check_fit(deltas, shards, base_folder, source)
+    entries = plan_entries(base_shards(base_folder, source), out_dtype, source)
+    _check_fit(deltas, entries, base_folder, source)
 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
     folder.check_free(force)
-    _check_disk(tensor_bytes(shards, out_dtype, source) + deltas.nbytes, folder.final.parent, source)
+    _check_disk(sum(e.nbytes for e in entries) + deltas.nbytes, folder.final.parent, source)
     work = folder.start()
-    files = _stream_merge(deltas, shards, work, out_dtype, _max_bytes(shard_size, source),
+    files = _stream_merge(deltas, entries, work, out_dtype, _max_bytes(shard_size, source),
                           quantization if into == "dequantized" else None, base_folder, recipe)
     _copy_side_files(base_folder, adapter, work, out_dtype)
     report = {
@@ -72,20 +71,19 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     return report
 
 
-def _stream_merge(deltas, shards, work, out_dtype, max_bytes, quantization, base_folder, recipe) -> list[str]:
-    """One tensor in memory at a time, plus the output shard being filled."""
+def _stream_merge(deltas, entries, work, out_dtype, max_bytes, quantization, base_folder, recipe) -> list[str]:
+    """One tensor in memory at a time: read, (round-trip,) add its delta, cast, write."""
     if quantization:
         from .as_trained import quantized_weight_names, round_trip_4bit
     round_tripped = quantized_weight_names(str(base_folder)) if quantization else set()
     load_dtype = getattr(torch, recipe.model.dtype) if recipe else out_dtype
-    writer = ShardWriter(work, max_bytes)
+    writer = StreamingShards(work, entries, max_bytes)
     return_freed_memory_to_os()
-    keys = [(shard, key) for shard in shards for key in _keys(shard)]
-    for shard, key in tqdm(keys, desc="merging", unit="tensor"):
-        tensor = _read(shard, key)
-        if key in round_tripped:
+    for entry in tqdm(entries, desc="merging", unit="tensor"):
+        tensor = _read(entry.shard, entry.name)
+        if entry.name in round_tripped:
             tensor = round_trip_4bit(tensor, quantization, load_dtype)
-        writer.add(key, deltas.apply(key, tensor).to(out_dtype))
+        writer.write(entry, deltas.apply(entry.name, tensor).to(entry.dtype))
     return writer.close()
 
 
@@ -102,11 +100,6 @@ def return_freed_memory_to_os() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     except (OSError, AttributeError):
         pass
-
-
-def _keys(shard: Path) -> list[str]:
-    with safe_open(str(shard), framework="pt") as tensors:
-        return list(tensors.keys())
 
 
 def _run_recipe(adapter: Path) -> Recipe | None:
@@ -155,20 +148,16 @@ def _out_dtype(dtype: str | None, recipe: Recipe | None, base_folder: Path) -> t
     return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def _check_fit(deltas: LoraDeltas, shards: list[Path], base_folder: Path, source: str) -> None:
+def _check_fit(deltas: LoraDeltas, entries, base_folder: Path, source: str) -> None:
     """Every adapted weight must exist in the base with the delta's shape, or the merge would be wrong."""
-    shapes = {}
-    for shard in shards:
-        with open_safetensors(shard, source, "--base") as tensors:
-            shapes.update({key: tensors.get_slice(key).get_shape() for key in tensors.keys()})
+    shapes = {entry.name: list(entry.shape) for entry in entries}
     for key in sorted(deltas.targets):
         if key not in shapes:
             raise fail(source, "adapter", f"targets {key!r}, which base {str(base_folder)!r} does not have",
                        "pass the --base this adapter was trained on")
-        delta_shape = deltas.delta_shape(key)
-        if delta_shape != list(shapes[key]):
-            raise fail(source, "adapter", f"{key!r} is {delta_shape} in the adapter but {list(shapes[key])} in base "
-                       f"{str(base_folder)!r}", "pass the --base this adapter was trained on")
+        if deltas.delta_shape(key) != shapes[key]:
+            raise fail(source, "adapter", f"{key!r} is {deltas.delta_shape(key)} in the adapter but {shapes[key]} in "
+                       f"base {str(base_folder)!r}", "pass the --base this adapter was trained on")
 
 
 def _check_disk(needed: int, parent: Path, source: str) -> None:

@@ -1,11 +1,11 @@
-"""Read a base model's safetensors one tensor at a time; write merged tensors in size-bounded shards."""
+"""Read a base model's safetensors one tensor at a time; write merged tensors to size-bounded shards as they come."""
 import json
 import math
-import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import fail
 from ..safe_files import open_safetensors
@@ -26,51 +26,90 @@ def base_shards(folder: Path, source: str) -> list[Path]:
                "point --base at a folder saved with save_pretrained (safetensors)")
 
 
-def tensor_bytes(shards: list[Path], dtype: torch.dtype, source: str) -> int:
-    """Size of all base tensors once cast to dtype (reads headers only)."""
-    total = 0
+# safetensors' dtype names
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass
+class Entry:
+    shard: Path  # the base file it is read from
+    name: str
+    shape: list[int]
+    dtype: torch.dtype  # as written: the output dtype for floating-point tensors, else unchanged
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_entries(shards: list[Path], out_dtype: torch.dtype, source: str) -> list[Entry]:
+    """Every base tensor, in file order, with the shape and dtype it will be written with (headers only)."""
+    entries = []
     for shard in shards:
         with open_safetensors(shard, source, "--base") as tensors:
-            for key in tensors.keys():
-                total += math.prod(tensors.get_slice(key).get_shape()) * dtype.itemsize
-    return total
+            for name in tensors.keys():
+                piece = tensors.get_slice(name)
+                dtype = _torch_dtype(piece.get_dtype())
+                entries.append(Entry(shard, name, piece.get_shape(), out_dtype if dtype.is_floating_point else dtype))
+    return entries
 
 
-class ShardWriter:
-    """Collects tensors until the shard is full, then writes it; names get their final '-of-N' at close."""
+def _torch_dtype(name: str) -> torch.dtype:
+    return next(dtype for dtype, code in SAFETENSORS_DTYPES.items() if code == name)
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
+class StreamingShards:
+    """Writes safetensors shards tensor by tensor as they are produced, so memory holds one tensor, not a shard.
+    Hand-written because safetensors only saves a complete dict of tensors; the format is simple: an 8-byte
+    little-endian header length, a JSON header with each tensor's dtype, shape and byte range, then the bytes.
+    The layout is fixed up front from the base's headers, which give every shape."""
 
-    def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self.written) + 1:05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def __init__(self, folder: Path, entries: list[Entry], max_bytes: int):
+        groups, size = [[]], 0
+        for entry in entries:
+            if groups[-1] and size + entry.nbytes > max_bytes:
+                groups, size = groups + [[]], 0
+            groups[-1].append(entry)
+            size += entry.nbytes
+        count = len(groups)
+        self.files = ["model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+                      for i in range(1, count + 1)]
+        self.folder, self.groups = folder, groups
+        self.file_of = {entry.name: file for file, group in zip(self.files, groups) for entry in group}
+        self.total_bytes = sum(entry.nbytes for entry in entries)
+        self._handle, self._open_file = None, None
+
+    def write(self, entry: Entry, tensor: torch.Tensor) -> None:
+        file = self.file_of[entry.name]
+        if file != self._open_file:
+            self._start(file)
+        assert list(tensor.shape) == list(entry.shape) and tensor.dtype == entry.dtype, entry.name
+        self._handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    def _start(self, file: str) -> None:
+        self._close_file()
+        group = self.groups[self.files.index(file)]
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for entry in group:
+            header[entry.name] = {"dtype": SAFETENSORS_DTYPES[entry.dtype], "shape": list(entry.shape),
+                                  "data_offsets": [offset, offset + entry.nbytes]}
+            offset += entry.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+        self._handle = (self.folder / file).open("wb")
+        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._open_file = file
+
+    def _close_file(self) -> None:
+        if self._handle:
+            self._handle.close()
+            self._handle = None
 
     def close(self) -> list[str]:
-        if self.pending:
-            self._flush()
-        count = len(self.written)
-        weight_map, files = {}, []
-        for number, (path, names) in enumerate(self.written, start=1):
-            final = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.rename(path, self.folder / final)
-            files.append(final)
-            weight_map.update(dict.fromkeys(names, final))
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        self._close_file()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.file_of}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return files
+        return self.files
