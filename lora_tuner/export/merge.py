@@ -83,7 +83,7 @@ def _stream_merge(deltas, entries, work, out_dtype, max_bytes, quantization, bas
         tensor = _read(entry.shard, entry.name)
         if entry.name in round_tripped:
             tensor = round_trip_4bit(tensor, quantization, load_dtype)
-        writer.write(entry, deltas.apply(entry.name, tensor).to(entry.dtype))
+        writer.write(entry, deltas.apply(entry.name, tensor, entry.dtype))
     return writer.close()
 
 
