@@ -145,7 +145,8 @@ def main() -> None:
 
 
 def report(args, results: dict) -> None:
-    from lora_tuner.plan import GPUS, make_plan
+    from lora_tuner.plan import GPUS
+    from lora_tuner.plan.estimate import make_plan
     from lora_tuner.train.manifest import git_commit, versions
 
     cuda = torch.cuda.is_available()

@@ -9,7 +9,7 @@ from lora_tuner import load_recipe
 from lora_tuner.cli import main
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.lora import attach_lora
-from lora_tuner.plan import make_plan
+from lora_tuner.plan.estimate import make_plan
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -22,9 +22,13 @@ class PreparedData:
     dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> 1-based row numbers
 
     def dropped_summary(self) -> str:
-        total = sum(len(rows) for rows in self.dropped.values())
-        parts = [f"{reason}: {len(rows)} ({_rows(rows)})" for reason, rows in self.dropped.items()]
-        return f"{total} of {self.rows_read} rows unusable: " + "; ".join(parts)
+        return dropped_summary(self.dropped, self.rows_read)
+
+
+def dropped_summary(dropped: dict[str, list[int]], rows_read: int) -> str:
+    total = sum(len(rows) for rows in dropped.values())
+    parts = [f"{reason}: {len(rows)} ({_rows(rows)})" for reason, rows in dropped.items()]
+    return f"{total} of {rows_read} rows unusable: " + "; ".join(parts)
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None, source: str) -> PreparedData:
@@ -48,15 +52,14 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None, sour
         if length > data.max_length:
             dropped[too_long].append(number)
             del examples[number]
-    prepared = PreparedData(Dataset.from_list([]), None, raw.sha256, len(raw.rows), dict(dropped))
     if not examples:
-        raise fail(source, "data", f"no usable rows: {prepared.dropped_summary()}",
+        raise fail(source, "data", f"no usable rows: {dropped_summary(dropped, len(raw.rows))}",
                    "fix the rows, or raise data.max_length if they are too long")
     if dropped and data.bad_rows == "fail":
-        raise fail(source, "data.bad_rows", f"'fail' and {prepared.dropped_summary()}",
+        raise fail(source, "data.bad_rows", f"'fail' and {dropped_summary(dropped, len(raw.rows))}",
                    "fix those rows or set data.bad_rows: drop")
-    prepared.train, prepared.eval = _split(Dataset.from_list(list(examples.values())), recipe, source)
-    return prepared
+    train, validation = _split(Dataset.from_list(list(examples.values())), recipe, source)
+    return PreparedData(train, validation, raw.sha256, len(raw.rows), dict(dropped))
 
 
 def token_lengths(tokenizer: PreTrainedTokenizerBase, examples: list[dict]) -> list[int]:

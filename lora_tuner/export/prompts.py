@@ -13,7 +13,7 @@ FALLBACK = ["Below is an instruction that describes a task.", "The quick brown f
 COUNT, MAX_TOKENS = 4, 128
 
 
-def verification_prompts(adapter: Path, recipe: Recipe | None, export_folder: Path) -> list[list[int]]:
+def verification_prompts(recipe: Recipe | None, export_folder: Path) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(export_folder)
     texts = _run_texts(recipe) or FALLBACK
     return [ids[:MAX_TOKENS] for ids in tokenizer(texts[:COUNT])["input_ids"]]

@@ -39,7 +39,7 @@ def verify_export(work, base_folder, adapter, recipe, quantization, into: str, o
     dtype = str(out_dtype).removeprefix("torch.")
     reference = load_base(ModelSection(name_or_path=str(base_folder), dtype=dtype), reference_quantization,
                           str(base_folder), source)
-    numbers = compare(work, reference, adapter, verification_prompts(adapter, recipe, work))
+    numbers = compare(work, reference, adapter, verification_prompts(recipe, work))
     tolerance = TOLERANCE[out_dtype]
     return {**numbers, "tolerance": tolerance, "passed": numbers["relative_diff"] <= tolerance,
             "reference": f"adapter on the {'quantized' if into == 'dequantized' else 'full-precision'} base"}
