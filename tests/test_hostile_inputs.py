@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import CONFIGS, recipe_dict, write_recipe
@@ -55,6 +56,14 @@ def remote_code_base(tiny_base, tmp):
 def pickled_base(tiny_base, tmp):
     base = copy_base(tiny_base, tmp)
     (base / "model.safetensors").rename(base / "pytorch_model.bin")
+    return base
+
+
+def fp8_base(tiny_base, tmp):
+    base = copy_base(tiny_base, tmp)
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     return base
 
 
@@ -107,6 +116,8 @@ CASES = {
                          ["--out", "already holds a model export", "--force"]),
     "truncated-base-shard": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter"), (lambda p: (
         truncate(p / "model.safetensors"), p)[1])(copy_base(b, t))), ["--base", "truncated"]),
+    "fp8-base-tensor": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter"), fp8_base(b, t)),
+                        ["--base", "model.norm.weight", "F8_E4M3", "convert the base"]),
     "bad-shard-size": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter"), None,
                                                   "--shard-size", "lots"), ["--shard-size", "'lots'"]),
     "dora-adapter": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter", use_dora=True)),

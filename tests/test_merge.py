@@ -8,11 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import CONFIGS, recipe_dict, write_recipe
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
+from lora_tuner.export.merge import CHUNK_BYTES
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.tokenizer import byte_tokenizer
 
@@ -99,22 +101,28 @@ def test_export_loads_with_plain_transformers_and_no_peft(tmp_path):
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-4
 
 
-def test_merge_holds_about_one_shard_in_memory(tmp_path):
-    """A base of ~10 shards of 20 MB: the merge's peak RSS growth stays under one shard, whatever the model."""
-    sharded_base(tmp_path / "base", "llama", shard="20MB", hidden_size=768, intermediate_size=2048,
-                 num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
-    shards = list((tmp_path / "base").glob("*.safetensors"))
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory):
+    """(base folder, adapter folder): ~10 shards of 20 MB, weights of up to 6 MB: several merge chunks each."""
+    folder = tmp_path_factory.mktemp("wide")
+    base = sharded_base(folder / "base", "llama", shard="20MB", hidden_size=768, intermediate_size=2048,
+                        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
+    random_adapter(base, folder / "adapter", r=4)
+    return folder / "base", folder / "adapter"
+
+
+def test_merge_holds_about_one_shard_in_memory(tmp_path, wide_base):
+    """The merge's peak RSS growth stays under one 20 MB shard, whatever the model."""
+    base, adapter = wide_base
+    shards = list(base.glob("*.safetensors"))
     model_mb = sum(p.stat().st_size for p in shards) / 1e6
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    random_adapter(base, tmp_path / "adapter", r=4)
-    del base
     script = textwrap.dedent(f"""
         import re
         from lora_tuner import merge
         def rss(field):
             return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1e3
         def run(out):
-            merge({str(tmp_path / 'adapter')!r}, out, base={str(tmp_path / 'base')!r}, shard_size="20MB", verify=False)
+            merge({str(adapter)!r}, out, base={str(base)!r}, shard_size="20MB", verify=False)
         run({str(tmp_path / 'warm-up')!r})  # first use pages in library code; that is not the merge's data
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
         before = rss("VmRSS")
@@ -126,8 +134,42 @@ def test_merge_holds_about_one_shard_in_memory(tmp_path):
     peak_mb = float(done.stdout.strip().splitlines()[-1])
     print(f"model {model_mb:.0f} MB in {len(shards)} shards; merge peak RSS growth {peak_mb:.0f} MB")
     assert len(shards) >= 8
-    # tensors are written as they are merged: the peak is a few tensors, under one 20 MB shard
+    # chunks of rows are mapped, merged and written a few at a time: a few MB in memory, not a shard
     assert peak_mb < 20 < model_mb / 8
+
+
+def test_weights_larger_than_a_chunk_equal_peft_merge(tmp_path, wide_base):
+    """Weights merged in several chunks (on several threads) come out as peft's merge_and_unload."""
+    base, adapter = wide_base
+    merge(adapter, tmp_path / "out", base=str(base), shard_size="20MB", verify=False)
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    merged = load_file_tensors(tmp_path / "out")
+    assert max(t.nbytes for t in merged.values()) > 2 * CHUNK_BYTES  # the case under test
+    assert merged.keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_failed_write_stops_the_merge_and_puts_nothing_in_place(tmp_path, wide_base):
+    """A write failing on a worker thread (here: files capped at 1 MB) stops the merge; no export appears."""
+    base, adapter = wide_base
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from lora_tuner import merge
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+        merge({str(adapter)!r}, {str(tmp_path / 'out')!r}, base={str(base)!r}, verify=False)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "File too large" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def load_file_tensors(folder):
+    tensors = {}
+    for path in folder.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    return tensors
 
 
 def test_adapter_for_another_base_is_refused(tmp_path):
