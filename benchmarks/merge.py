@@ -1,15 +1,18 @@
 """Merge benchmark: `lora-tune merge` vs peft's merge_and_unload + save_pretrained vs `cp -r` (the I/O floor).
 
 Builds once (cached in benchmarks/.cache) a LLaMA-shaped ~1.1B random base in bf16, saved in several shards, and an
-r=16 all-linear adapter; then times each method in its own process and reads that process's peak RSS.
+r=16 all-linear adapter; then times each method in its own process and reads that process's peak RSS. Methods take
+turns, --repeats times, each after a `sync` so none pays for the previous one's writeback; medians are reported.
+`python -c "import torch"` is timed too: no torch-based command can finish faster.
 
-    python benchmarks/merge.py [--shard-size 1GB]
+    python benchmarks/merge.py [--shard-size 1GB] [--repeats 3]
 """
 import argparse
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +41,7 @@ from transformers import AutoModelForCausalLM
 base = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)
 PeftModel.from_pretrained(base, {adapter!r}).merge_and_unload().save_pretrained({out!r})
 """
-IMPORTS_ONLY = "import torch, transformers, peft, lora_tuner"
+TORCH_STARTUP = "import torch"
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -65,6 +68,7 @@ def build(shard: str) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shard-size", default="1GB", help="base and output shard size")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method (medians are reported)")
     args = parser.parse_args()
     base, adapter = build(args.shard_size)
     shards = sorted(base.glob("*.safetensors"))
@@ -73,32 +77,46 @@ def main() -> None:
     out = CACHE / "out"
     measure(["cat", *map(str, shards)])  # warm the page cache so every method reads from memory
 
-    rows = {}
     methods = {
         "copy (cp -r)": ["cp", "-r", str(base), str(out)],
         "lora-tune merge": [sys.executable, "-m", "lora_tuner.cli", "merge", str(adapter), "--out", str(out),
                             "--base", str(base), "--shard-size", args.shard_size, "--no-verify", "--dtype", "bf16"],
         "peft merge_and_unload": [sys.executable, "-c",
                                   BASELINE.format(base=str(base), adapter=str(adapter), out=str(out))],
-        "python imports only": [sys.executable, "-c", IMPORTS_ONLY],
+        "python + torch start-up": [sys.executable, "-c", TORCH_STARTUP],
     }
-    for name, command in methods.items():
-        shutil.rmtree(out, ignore_errors=True)
-        seconds, rss = measure(command)
-        rows[name] = {"seconds": round(seconds, 2), "peak_rss_mb": round(rss)}
-        print(f"{name:24s} {seconds:8.1f} s {rss:9.0f} MB", flush=True)
+    runs, in_process = {name: [] for name in methods}, []
+    for _ in range(args.repeats):
+        for name, command in methods.items():
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            runs[name].append(measure(command))
+            if name == "lora-tune merge":  # merge() itself: after the imports, before the interpreter exits
+                in_process.append(json.loads((out / "merge_report.json").read_text())["seconds"])
     shutil.rmtree(out, ignore_errors=True)
 
+    rows = {name: {"seconds": round(statistics.median(s for s, _ in done), 2),
+                   "peak_rss_mb": round(statistics.median(r for _, r in done)),
+                   "all_seconds": [round(s, 2) for s, _ in done]} for name, done in runs.items()}
+    for name, row in rows.items():
+        print(f"{name:26s} {row['seconds']:7.2f} s {row['peak_rss_mb']:7d} MB   runs: {row['all_seconds']}")
+    in_process_seconds = statistics.median(in_process)
+    print(f"{'  of which merge() itself':26s} {in_process_seconds:7.2f} s")
+
     ours, copy, baseline = rows["lora-tune merge"], rows["copy (cp -r)"], rows["peft merge_and_unload"]
-    imports = rows["python imports only"]["peak_rss_mb"]
+    startup = rows["python + torch start-up"]
     result = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "model": f"LLaMA-shaped {CONFIG['num_hidden_layers']} layers x {CONFIG['hidden_size']}, bf16, "
                  f"{model_mb:.0f} MB in {len(shards)} shards", "adapter": "r=16 all-linear",
-        "largest_shard_mb": round(largest_mb), "methods": rows,
+        "largest_shard_mb": round(largest_mb), "repeats": args.repeats, "methods": rows,
         "time_vs_copy": round(ours["seconds"] / copy["seconds"], 2),
+        "in_process_seconds": round(in_process_seconds, 2),
+        "in_process_time_vs_copy": round(in_process_seconds / copy["seconds"], 2),
+        "torch_startup_vs_copy": round(startup["seconds"] / copy["seconds"], 2),
         "rss_vs_largest_shard": round(ours["peak_rss_mb"] / largest_mb, 2),
-        "rss_above_imports_vs_largest_shard": round((ours["peak_rss_mb"] - imports) / largest_mb, 2),
+        "rss_above_torch_startup_vs_largest_shard": round((ours["peak_rss_mb"] - startup["peak_rss_mb"]) / largest_mb,
+                                                          2),
         "time_vs_baseline": round(ours["seconds"] / baseline["seconds"], 2),
         "rss_vs_baseline": round(ours["peak_rss_mb"] / baseline["peak_rss_mb"], 2),
     }
