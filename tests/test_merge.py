@@ -57,6 +57,18 @@ def test_merged_logits_equal_adapter_logits(tmp_path, kind, rslora):
     assert json.loads((tmp_path / "out/merge_report.json").read_text())["into"] == "original"
 
 
+def test_weights_stored_transposed_merge_exactly(tmp_path):
+    """GPT-2's Conv1D keeps weights as (in, out): peft's fan_in_fan_out, which merge must follow row by row."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=288, n_positions=128))
+    base.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    expected = logits(random_adapter(base, tmp_path / "adapter", target_modules=["c_attn", "c_proj", "c_fc"],
+                                     fan_in_fan_out=True))
+    merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), verify=False)
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) - expected).abs().max() < 1e-4
+
+
 def test_qlora_adapter_merges_into_the_weights_it_saw(tmp_path, tiny_base, alpaca_file):
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(
         tiny_base("llama"), alpaca_file, quantization={"mode": "4bit", "compute_dtype": "float32"},
