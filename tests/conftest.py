@@ -2,6 +2,7 @@
 Sizes are multiples of 32 so bitsandbytes 4-bit runs them on CPU."""
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,22 @@ def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> str:
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """size in bytes -> a fresh tmpfs that small, so writing past it fails with ENOSPC (needs root: else skip)."""
+    mounts = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / f"small-{len(mounts)}"
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: this process may still hold a file open

@@ -1,5 +1,7 @@
 """Merge and export: merged weights behave like base + adapter, stream shard by shard, load without peft."""
 import json
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -162,19 +164,37 @@ def test_weights_larger_than_a_chunk_equal_peft_merge(tmp_path, wide_base):
         torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_a_failed_write_stops_the_merge_and_puts_nothing_in_place(tmp_path, wide_base):
-    """A write failing on a worker thread (here: files capped at 1 MB) stops the merge; no export appears."""
+def test_a_shard_too_large_for_the_file_system_is_one_line(tmp_path, wide_base):
+    """A write failing on a worker thread (files capped at 1 MB, as FAT32 caps them at 4 GB) stops the merge with
+    one line naming --shard-size; no export appears."""
     base, adapter = wide_base
-    script = textwrap.dedent(f"""
-        import resource, signal
-        from lora_tuner import merge
+
+    def cap_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
-        merge({str(adapter)!r}, {str(tmp_path / 'out')!r}, base={str(base)!r}, verify=False)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "File too large" in done.stderr, done.stderr[-2000:]
+
+    done = subprocess.run([sys.executable, "-m", "lora_tuner.cli", "merge", str(adapter), "--out", str(tmp_path / "out"),
+                           "--base", str(base), "--no-verify"], preexec_fn=cap_file_size, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and "--shard-size" in errors[0] and "5,000,000,000 bytes" in errors[0], errors
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, small_disk):
+    """Room for the weights (so the up-front space check passes) but not for the whole export: one line naming
+    --out, and nothing in place."""
+    base = sharded_base(tmp_path / "base", "llama", shard="5GB")
+    random_adapter(base, tmp_path / "adapter")
+    weights = sum(t.nbytes for t in load_file(tmp_path / "base" / "model.safetensors").values())
+    disk = small_disk(-(-weights // 4096) * 4096)  # the weights rounded up to whole pages
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "adapter"), "--out", str(disk / "out"),
+                                       "--base", str(tmp_path / "base"), "--no-verify"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output[-2000:]
+    assert "--out" in errors[0] and "no space left" in errors[0] and "--force" in errors[0]
+    assert not (disk / "out").exists()
 
 
 def load_file_tensors(folder):

@@ -1,4 +1,5 @@
 """`lora-tune merge`: fold an adapter into its base, streaming chunks of rows through all cores, and prove the result."""
+import errno
 import json
 import shutil
 import threading
@@ -51,23 +52,25 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
     folder.check_free(force)
     _check_disk(sum(e.nbytes for e in entries), folder.final.parent, source)
+    max_bytes = _max_bytes(shard_size, source)
     work = folder.start()
-    files = _stream_merge(deltas, entries, work, out_dtype, _max_bytes(shard_size, source),
-                          quantization if into == "dequantized" else None, base_folder, recipe)
-    _copy_side_files(base_folder, adapter, work, out_dtype)
-    report = {
-        "adapter": str(adapter.resolve()), "base": str(base_folder), "into": into,
-        "dtype": str(out_dtype).removeprefix("torch."), "files": files, "seconds": 0.0,
-        "base_quantization": quantization.mode, "recipe_sha256": _run_manifest(adapter).get("recipe_sha256"),
-    }
-    if verify:
-        from .verify import verify_export
+    with _write_limits_as_one_line(work, max_bytes, source):
+        files = _stream_merge(deltas, entries, work, out_dtype, max_bytes,
+                              quantization if into == "dequantized" else None, base_folder, recipe)
+        _copy_side_files(base_folder, adapter, work, out_dtype)
+        report = {
+            "adapter": str(adapter.resolve()), "base": str(base_folder), "into": into,
+            "dtype": str(out_dtype).removeprefix("torch."), "files": files, "seconds": 0.0,
+            "base_quantization": quantization.mode, "recipe_sha256": _run_manifest(adapter).get("recipe_sha256"),
+        }
+        if verify:
+            from .verify import verify_export
 
-        report["verification"] = verify_export(work, base_folder, adapter, recipe, quantization, into, out_dtype,
-                                               source)
-    report["seconds"] = time.time() - started
-    (work / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (work / "README.md").write_text(model_card(report), encoding="utf-8")
+            report["verification"] = verify_export(work, base_folder, adapter, recipe, quantization, into, out_dtype,
+                                                   source)
+        report["seconds"] = time.time() - started
+        (work / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (work / "README.md").write_text(model_card(report), encoding="utf-8")
     if verify and not report["verification"]["passed"]:
         v = report["verification"]
         raise fail(source, "verification", f"merged logits differ by {v['max_abs_logit_diff']:.3g} "
@@ -128,6 +131,22 @@ def _out_buffer(nbytes: int) -> torch.Tensor:
     if buffer is None or buffer.numel() < nbytes:
         buffer = _worker.buffer = torch.empty(max(nbytes, CHUNK_BYTES), dtype=torch.uint8)
     return buffer[:nbytes]
+
+
+@contextmanager
+def _write_limits_as_one_line(work: Path, max_bytes: int, source: str):
+    """A full disk, or a file system that caps file sizes (FAT32: 4 GB), met while writing the export: one line that
+    says what to change, and the unfinished export stays out of place."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise fail(source, "--out", f"no space left on the device of {str(work.parent)!r}; the unfinished export "
+                       f"is in {str(work)!r}", "free some space, then run again with --force") from None
+        if exc.errno == errno.EFBIG:
+            raise fail(source, "--shard-size", f"a shard of up to {max_bytes:,} bytes is too large for a file in "
+                       f"{str(work.parent)!r}", "pass a smaller --shard-size, e.g. 2GB") from None
+        raise
 
 
 @contextmanager
