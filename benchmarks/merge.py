@@ -1,11 +1,12 @@
 """Merge benchmark: `lora-tune merge` vs peft's merge_and_unload + save_pretrained vs `cp -r` (the I/O floor).
 
-Builds once (cached in benchmarks/.cache) a LLaMA-shaped ~1.1B random base in bf16, saved in several shards, and an
-r=16 all-linear adapter; then times each method in its own process and reads that process's peak RSS. Methods take
-turns, --repeats times, each after a `sync` so none pays for the previous one's writeback; medians are reported.
-`python -c "import torch"` is timed too: no torch-based command can finish faster.
+Builds once (cached in benchmarks/.cache) a LLaMA-shaped random base in bf16 (~1.1B parameters, or ~3.4B with
+--model 3b), saved in several shards, and an r=16 all-linear adapter; then times each method in its own process and
+reads that process's peak RSS. Methods take turns, --repeats times, each after a `sync` so none pays for the previous
+one's writeback; medians are reported. `python -c "import torch"` is timed too: no torch-based command can finish
+faster.
 
-    python benchmarks/merge.py [--shard-size 1GB] [--repeats 3]
+    python benchmarks/merge.py [--model 1b|3b] [--shard-size 1GB] [--repeats 3]
 """
 import argparse
 import json
@@ -21,8 +22,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "merge"
 RESULTS = HERE / "results"
-CONFIG = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-              num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+# TinyLlama's shape (the ~1B the merge issue names) and OpenLLaMA-3B's: the start-up cost is fixed, so the larger
+# model shows how it weighs as models grow.
+MODELS = {
+    "1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "3b": dict(model_type="llama", hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+}
 
 BUILD = """
 import torch
@@ -54,27 +61,30 @@ def measure(command: list[str]) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
-def build(shard: str) -> tuple[Path, Path]:
-    base, adapter = CACHE / f"base-{shard}", CACHE / "adapter"
+def build(model: str, shard: str) -> tuple[Path, Path]:
+    cache = CACHE / model
+    base, adapter = cache / f"base-{shard}", cache / "adapter"
     if not (base / "config.json").is_file():
-        shutil.rmtree(CACHE, ignore_errors=True)
-        CACHE.mkdir(parents=True)
-        print("building the ~1.1B random base and adapter (once)...", flush=True)
-        script = BUILD.format(config=CONFIG, base=str(base), shard=shard, adapter=str(adapter))
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        print(f"building the {model} random base and adapter (once)...", flush=True)
+        script = BUILD.format(config=MODELS[model], base=str(base), shard=shard, adapter=str(adapter))
         subprocess.run([sys.executable, "-c", script], check=True)
     return base, adapter
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="1b", help="LLaMA shape to build")
     parser.add_argument("--shard-size", default="1GB", help="base and output shard size")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (medians are reported)")
     args = parser.parse_args()
-    base, adapter = build(args.shard_size)
+    base, adapter = build(args.model, args.shard_size)
+    config = MODELS[args.model]
     shards = sorted(base.glob("*.safetensors"))
     largest_mb = max(p.stat().st_size for p in shards) / 2**20
     model_mb = sum(p.stat().st_size for p in shards) / 2**20
-    out = CACHE / "out"
+    out = CACHE / args.model / "out"
     measure(["cat", *map(str, shards)])  # warm the page cache so every method reads from memory
 
     methods = {
@@ -107,7 +117,7 @@ def main() -> None:
     startup = rows["python + torch start-up"]
     result = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "model": f"LLaMA-shaped {CONFIG['num_hidden_layers']} layers x {CONFIG['hidden_size']}, bf16, "
+        "model": f"LLaMA-shaped {config['num_hidden_layers']} layers x {config['hidden_size']}, bf16, "
                  f"{model_mb:.0f} MB in {len(shards)} shards", "adapter": "r=16 all-linear",
         "largest_shard_mb": round(largest_mb), "repeats": args.repeats, "methods": rows,
         "time_vs_copy": round(ours["seconds"] / copy["seconds"], 2),
@@ -122,7 +132,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "methods"}, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"merge-{platform.node()}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"merge-{platform.node()}-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
