@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import CONFIGS, recipe_dict, write_recipe
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
-from lora_tuner.export.merge import CHUNK_BYTES
+from lora_tuner.export.streaming import CHUNK_BYTES
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.tokenizer import byte_tokenizer
 

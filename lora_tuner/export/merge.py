@@ -1,34 +1,26 @@
-"""`lora-tune merge`: fold an adapter into its base, streaming chunks of rows through all cores, and prove the result."""
+"""`lora-tune merge`: fold an adapter into its base as standalone weights, safely, and prove the result."""
 import errno
 import json
 import shutil
-import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..atomic_folder import AtomicFolder
 from ..config import load_recipe
 from ..config.schema import QuantizationSection, Recipe
 from ..errors import fail
-from .base_reader import Entry, base_shards, mapped_rows, plan_entries
+from .base_reader import base_shards, plan_entries
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
-from .shard_writer import StreamingShards
+from .streaming import stream_merge
 
 # transformers and peft are imported only by the steps that need them (4-bit round trip, verification):
 # a --no-verify merge of a 16-bit adapter is pure tensor streaming and should not pay seconds of imports.
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CHUNK_BYTES = 2 * 2**20  # the unit of merging and writing: large enough that a write has no overhead
-QUEUED_PER_WORKER = 2
-_worker = threading.local()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
 
@@ -55,8 +47,8 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     max_bytes = _max_bytes(shard_size, source)
     work = folder.start()
     with _write_limits_as_one_line(work, max_bytes, source):
-        files = _stream_merge(deltas, entries, work, out_dtype, max_bytes,
-                              quantization if into == "dequantized" else None, base_folder, recipe)
+        files = stream_merge(deltas, entries, work, out_dtype, max_bytes,
+                             quantization if into == "dequantized" else None, base_folder, recipe)
         _copy_side_files(base_folder, adapter, work, out_dtype)
         report = {
             "adapter": str(adapter.resolve()), "base": str(base_folder), "into": into,
@@ -80,59 +72,6 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     return report
 
 
-def _stream_merge(deltas, entries, work, out_dtype, max_bytes, quantization, base_folder, recipe) -> list[str]:
-    """Chunks of rows go to one worker thread per core, which reads them (mapped), adds the delta, casts them and
-    writes them at their place in the output: each worker alternates arithmetic and writing, so the cores stay busy."""
-    if quantization:
-        from .as_trained import quantized_weight_names
-    round_tripped = quantized_weight_names(str(base_folder)) if quantization else set()
-    load_dtype = getattr(torch, recipe.model.dtype) if recipe else out_dtype
-    workers = torch.get_num_threads()
-    with StreamingShards(work, entries, max_bytes) as shards, _one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        for entry in tqdm(entries, desc="merging", unit="tensor"):
-            if entry.name in round_tripped:
-                rows_of = _round_tripped_rows(entry, quantization, load_dtype)
-            else:
-                rows_of = partial(mapped_rows, entry)
-            step = _rows_per_chunk(entry)
-            for start in range(0, entry.rows, step):
-                stop = min(start + step, entry.rows)
-                pending.append(pool.submit(_merge_chunk, entry, rows_of, start, stop, deltas, shards))
-                if len(pending) > QUEUED_PER_WORKER * workers:  # bounds memory: few chunks exist at once
-                    pending.popleft().result()
-        for chunk in pending:
-            chunk.result()
-        return shards.close()
-
-
-def _round_tripped_rows(entry: Entry, quantization, load_dtype):
-    """Rows of the weight as 4-bit training saw it. Quantization blocks span rows, so the whole weight is done."""
-    from .as_trained import round_trip_4bit
-
-    weight = round_trip_4bit(mapped_rows(entry, 0, entry.rows), quantization, load_dtype)
-    return lambda start, stop: weight[start:stop]
-
-
-def _rows_per_chunk(entry: Entry) -> int:
-    return max(1, CHUNK_BYTES // max(1, entry.row_elements * entry.dtype.itemsize))
-
-
-def _merge_chunk(entry: Entry, rows_of, start: int, stop: int, deltas: LoraDeltas, shards: StreamingShards) -> None:
-    rows = rows_of(start, stop)
-    raw = _out_buffer(rows.numel() * entry.dtype.itemsize)
-    deltas.merge_rows(entry.name, rows, start, raw.view(entry.dtype).view(rows.shape))
-    shards.write(entry, start * entry.row_elements * entry.dtype.itemsize, raw.numpy().data)
-
-
-def _out_buffer(nbytes: int) -> torch.Tensor:
-    """This worker's output bytes, reused: fresh memory per chunk would cost a page fault per 4 KB."""
-    buffer = getattr(_worker, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = _worker.buffer = torch.empty(max(nbytes, CHUNK_BYTES), dtype=torch.uint8)
-    return buffer[:nbytes]
-
-
 @contextmanager
 def _write_limits_as_one_line(work: Path, max_bytes: int, source: str):
     """A full disk, or a file system that caps file sizes (FAT32: 4 GB), met while writing the export: one line that
@@ -147,18 +86,6 @@ def _write_limits_as_one_line(work: Path, max_bytes: int, source: str):
             raise fail(source, "--shard-size", f"a shard of up to {max_bytes:,} bytes is too large for a file in "
                        f"{str(work.parent)!r}", "pass a smaller --shard-size, e.g. 2GB") from None
         raise
-
-
-@contextmanager
-def _one_thread_per_op():
-    """Parallel over chunks, not inside ops: with OpenMP threads inside each op as well, the threads take turns on
-    the cores and the merge is ~15% slower on 2 cores (benchmarks/README.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_recipe(adapter: Path) -> Recipe | None:
