@@ -26,15 +26,23 @@ class StreamingShards:
         self.file_of = {entry.name: file for file, group in zip(self.files, groups) for entry in group}
         self.total_bytes = sum(entry.nbytes for entry in entries)
         self._fds, self._place = [], {}
-        for file, group in zip(self.files, groups):
-            header = encode_header([(e.name, e.dtype, e.shape, e.nbytes) for e in group])
-            fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            _write_at(fd, memoryview(header), 0)
-            offset = len(header)
-            for entry in group:
-                self._place[entry.name] = (fd, offset)
-                offset += entry.nbytes
+        try:
+            for file, group in zip(self.files, groups):
+                self._start(file, group)
+        except BaseException:
+            self._close_files()
+            raise
+
+    def _start(self, file: str, group: list[Entry]) -> None:
+        """Create the shard with its header, and note where each of its tensors goes."""
+        header = encode_header([(e.name, e.dtype, e.shape, e.nbytes) for e in group])
+        fd = os.open(self.folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(fd)
+        _write_at(fd, memoryview(header), 0)
+        offset = len(header)
+        for entry in group:
+            self._place[entry.name] = (fd, offset)
+            offset += entry.nbytes
 
     def write(self, entry: Entry, start: int, data: memoryview) -> None:
         """Put data at byte `start` of entry's tensor. Safe from several threads: each chunk has its own place."""
