@@ -1,7 +1,6 @@
 """The adapter as weight deltas: each targeted base weight gets scale * B @ A added, row block by row block, in fp32."""
 import json
 import math
-import threading
 from pathlib import Path
 
 import torch
@@ -9,7 +8,6 @@ from ..errors import fail
 from ..safe_files import open_safetensors
 
 PEFT_PREFIX = "base_model.model."
-BLOCK_ELEMENTS = 2**19  # fp32 scratch of 2 MB, one per core: it stays in the core's cache
 
 
 class LoraDeltas:
@@ -29,31 +27,25 @@ class LoraDeltas:
             tensors = {key: weights.get_tensor(key) for key in weights.keys()}
         self.targets = {_base_key(key) for key in tensors if ".lora_A." in key}
         self._factors = {key: self._delta_factors(key, tensors) for key in self.targets}
-        self._workspace = threading.local()  # a scratch block per worker thread
 
-    def merge_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor) -> None:
+    def merge_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor,
+                   scratch: torch.Tensor) -> None:
         """out = rows + scale * (B @ A)[first_row:first_row + len(rows)] in out's dtype, for rows of an adapted
-        weight such as 'model.layers.0.self_attn.q_proj.weight'; rows of other weights are only cast."""
+        weight such as 'model.layers.0.self_attn.q_proj.weight'; rows of other weights are only cast.
+        scratch: fp32, at least one row; the sum is done in blocks of rows that fit it."""
         if base_key not in self.targets:
             out.copy_(rows)
             return
         left, right, scale = self._factors[base_key]
         cols = rows.shape[1]
-        step = max(1, BLOCK_ELEMENTS // cols)
-        scratch = self._scratch(step * cols)
-        # One reused fp32 block that stays in cache; the sum is rounded once, into out's dtype.
+        step = scratch.numel() // cols
+        # A reused fp32 block that stays in cache; the sum is rounded once, into out's dtype.
         for start in range(0, len(rows), step):
             end = min(start + step, len(rows))
             block = scratch[: (end - start) * cols].view(end - start, cols)
             block.copy_(rows[start:end])
             block.addmm_(left[first_row + start:first_row + end], right, alpha=scale)
             out[start:end].copy_(block)
-
-    def _scratch(self, elements: int) -> torch.Tensor:
-        block = getattr(self._workspace, "block", None)
-        if block is None or block.numel() < elements:
-            block = self._workspace.block = torch.empty(max(elements, BLOCK_ELEMENTS))
-        return block
 
     def _delta_factors(self, base_key: str, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(left, right, scale) with delta = scale * left @ right in the base's weight layout, in fp32."""

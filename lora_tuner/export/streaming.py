@@ -16,8 +16,9 @@ from .lora_deltas import LoraDeltas
 from .shard_writer import StreamingShards
 
 CHUNK_BYTES = 2 * 2**20  # the unit of merging and writing: large enough that a write has no overhead
+BLOCK_ELEMENTS = 2**19  # fp32 arithmetic block of 2 MB per worker: it stays in the core's cache
 QUEUED_PER_WORKER = 2
-_worker = threading.local()
+_worker = threading.local()  # each worker's reused buffers
 
 
 def stream_merge(deltas: LoraDeltas, entries: list[Entry], work: Path, out_dtype: torch.dtype, max_bytes: int,
@@ -63,17 +64,19 @@ def _rows_per_chunk(entry: Entry) -> int:
 
 def _merge_chunk(entry: Entry, rows_of, start: int, stop: int, deltas: LoraDeltas, shards: StreamingShards) -> None:
     rows = rows_of(start, stop)
-    raw = _out_buffer(rows.numel() * entry.dtype.itemsize)
-    deltas.merge_rows(entry.name, rows, start, raw.view(entry.dtype).view(rows.shape))
+    raw = _reused("out", rows.numel() * entry.dtype.itemsize, torch.uint8)
+    scratch = _reused("scratch", max(BLOCK_ELEMENTS, entry.row_elements), torch.float32)
+    deltas.merge_rows(entry.name, rows, start, raw.view(entry.dtype).view(rows.shape), scratch)
     shards.write(entry, start * entry.row_elements * entry.dtype.itemsize, raw.numpy().data)
 
 
-def _out_buffer(nbytes: int) -> torch.Tensor:
-    """This worker's output bytes, reused: fresh memory per chunk would cost a page fault per 4 KB."""
-    buffer = getattr(_worker, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = _worker.buffer = torch.empty(max(nbytes, CHUNK_BYTES), dtype=torch.uint8)
-    return buffer[:nbytes]
+def _reused(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This worker's buffer `name`, grown when needed: fresh memory per chunk would cost a page fault per 4 KB."""
+    buffer = getattr(_worker, name, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_worker, name, buffer)
+    return buffer[:numel]
 
 
 @contextmanager
