@@ -84,7 +84,7 @@ def run_baseline(args, base: Path) -> dict:
     from transformers import BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lora_tuner.data import prepare_data
+    from lora_tuner.data.prepare import prepare_data
     from lora_tuner.model.tokenizer import load_tokenizer
 
     same = recipe(args, base)

@@ -5,10 +5,6 @@
     report = merge(result.folder, "merged/demo")
 """
 import importlib
-import logging
-
-# bitsandbytes warns on import that an optional CPU kernel package is absent; that changes nothing here.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Public name -> module. Imported on first use (PEP 562): trl alone takes seconds to import, and
 # `lora-tune merge` or `validate` should not pay for what only training needs.

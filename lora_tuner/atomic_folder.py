@@ -4,12 +4,16 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import fail
 
 
 class AtomicFolder:
-    def __init__(self, final: Path, source: str, field: str, what: str, resumable: bool = False):
+    def __init__(self, final: Path, source: str, field: str, what: str,
+                 resumable: Callable[[Path], bool] | None = None):
+        """resumable: for outputs that can be continued (runs), whether an unfinished one holds anything to
+        continue from; one that does not is stale and simply started over."""
         self.final = final.expanduser().resolve()
         self.partial = self.final.parent / f".{self.final.name}.partial"
         self.source, self.field, self.what = source, field, what  # for error lines: file, option, noun
@@ -23,18 +27,26 @@ class AtomicFolder:
         if resume and not self.partial.exists():
             raise fail(self.source, "--resume", f"no unfinished {self.what} in {str(self.partial)!r}",
                        "run without --resume to start one")
-        if self.partial.exists() and not (force or resume):
-            again = "pass --resume to continue it, or --force to start over" if self.resumable else \
-                "delete that folder, or pass --force to start over"
-            raise fail(self.source, self.field, f"an unfinished {self.what} is in {str(self.partial)!r}", again)
+        if not self.partial.exists() or force or resume:
+            return
+        if self.resumable is None:
+            raise fail(self.source, self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
+                       "delete that folder, or pass --force to start over")
+        if self.resumable(self.partial):
+            raise fail(self.source, self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
+                       "pass --resume to continue it, or --force to start over")
 
     def start(self, resume: bool = False) -> Path:
         if resume:
             return self.partial
-        if self.partial.exists():  # only reachable with --force (see check_free)
+        if self.partial.exists():  # --force, or a stale unfinished output with nothing to continue from
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
         return self.partial
+
+    def discard(self) -> None:
+        """Drop the unfinished output: the work was refused before producing anything worth keeping."""
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def finish(self) -> Path:
         """Swap the completed folder into place; a replaced one is removed only after the swap succeeded."""

@@ -1,6 +1,8 @@
 """The `lora-tune` command: a thin click shell over the Python API. User errors exit 2 with one line each."""
+import logging
 import re
 import sys
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -26,6 +28,17 @@ def user_errors(command):
     return wrapper
 
 
+def quiet_known_noise() -> None:
+    """Third-party messages known to be harmless, kept off the user's screen (the library itself changes no global
+    logging or warning state; the command does)."""
+    # bitsandbytes: "Failed to load CPU gemm_4bit_forward from kernels-community" on import (an optional kernel
+    # package), and "MatMul8bitLt: inputs will be cast" on every 8-bit call on CPU.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers 5 renamed gradient checkpointing; peft and TRL still call the old names.
+    warnings.filterwarnings("ignore", message=r".*(is_gradient_checkpointing|gradient_checkpointing_enable).*deprecated")
+    warnings.filterwarnings("ignore", message=r".*use_liger_kernel=True.*deprecated")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """LoRA and QLoRA fine-tuning from a YAML recipe.
@@ -34,6 +47,7 @@ def main():
     Try it offline in a couple of minutes:
       lora-tune run recipes/demo-tiny-cpu.yaml
     """
+    quiet_known_noise()
 
 
 @main.command()
@@ -107,14 +121,17 @@ def recipes():
 @click.argument("adapter", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
 @click.option("--base", help="Base model folder or hub id (default: the one the run recorded).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Merged weights' dtype (default: the run's).")
-@click.option("--into", type=click.Choice(["original", "dequantized"]),
-              help="Merge into the full-precision base, or into the 4-bit base as training saw it (QLoRA default).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Merged weights' dtype (default: fp16 for 16-bit runs, bf16 if a value exceeds fp16; fp32 runs: fp32).")
+@click.option("--into", type=click.Choice(["auto", "original", "dequantized"]), default="auto", show_default=True,
+              help="QLoRA runs: the full-precision weights, the 4-bit weights as training saw them, or auto: both, "
+              "keeping the one with the lower held-out loss.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--no-verify", is_flag=True, help="Skip loading the export to compare it with base + adapter.")
+@click.option("--no-verify", is_flag=True, help="Skip scoring the export against base + adapter on held-out rows.")
+@click.option("--verify-rows", type=click.IntRange(1), help="Held-out rows to verify on (default 16).")
 @user_errors
-def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
+def merge(adapter, out, base, dtype, into, shard_size, force, no_verify, verify_rows):
     """Fold the adapter in ADAPTER (a run folder) into its base; write standalone safetensors weights.
 
     \b
@@ -125,13 +142,66 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify):
     from .export import merge as merge_adapter
 
     report = merge_adapter(adapter, out, base=base, dtype=dtype, into=into, shard_size=shard_size, force=force,
-                           verify=not no_verify)
-    click.echo(f"merged into {report['into']} weights ({report['dtype']}): {out}  "
-               f"{len(report['files'])} shard(s), {report['seconds']:.1f} s")
-    if "verification" in report:
-        v = report["verification"]
-        click.echo(f"verified against the {v['reference']}: max |logit diff| {v['max_abs_logit_diff']:.3g}, "
-                   f"mean KL {v['mean_kl']:.3g}")
+                           verify=not no_verify, verify_rows=verify_rows)
+    click.echo(f"merged   {out}  ({len(report.files)} shard(s), {report.seconds:.1f} s)")
+    click.echo(f"into     {report.into} weights ({report.into_reason})")
+    click.echo(f"dtype    {report.dtype} ({report.dtype_reason})")
+    v = report.verification
+    if v is not None:
+        kept = f", keeps {v.gain_kept:.1%} of the gain" if v.gain_kept is not None else ""
+        click.echo(f"verified against the {v.reference} on {v.rows} {'held-out' if v.held_out else 'training'} rows: "
+                   f"loss {v.loss_export:.4f} (adapter {v.loss_adapter:.4f}, base {v.loss_base:.4f}){kept}; "
+                   f"top-1 agreement {v.top1_agreement:.1%}, mean KL {v.mean_kl:.2e}")
+
+
+@main.command(name="import-gguf")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the Hugging Face model.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@user_errors
+def import_gguf(file, out, dtype, force):
+    """Turn a GGUF model file (llama.cpp, GPT4All, Ollama) into a Hugging Face folder to train on.
+
+    The quantized weights are dequantized: the folder holds what the GGUF holds, in DTYPE.
+
+    \b
+    Example:
+      lora-tune import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m
+    """
+    from .model.gguf_import import import_gguf as run_import
+
+    click.echo(f"imported: {run_import(file, out, dtype=dtype, force=force)}")
+
+
+@main.command(name="eval")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--merged", type=click.Path(file_okay=False, exists=True), help="A merged export to score as well.")
+@click.option("--data", help="Score these rows (a data file in the run's format) instead of the run's validation rows.")
+@click.option("--rows", type=click.IntRange(1), help="Score only the first N rows.")
+@click.option("--generate", "generations", default=0, show_default=True, type=click.IntRange(0),
+              help="Also show K greedy generations, base and adapter side by side.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@user_errors
+def evaluate(folder, merged, data, rows, generations, max_new_tokens):
+    """Held-out response loss and perplexity of the base, base + adapter and a merged export.
+
+    FOLDER is a run folder or a merged export. Writes eval.json and eval.md into it.
+
+    \b
+    Examples:
+      lora-tune eval adapters/smollm2-135m-alpaca --generate 3
+      lora-tune eval adapters/smollm2-135m-alpaca --merged merged/smollm2-alpaca
+      lora-tune eval merged/smollm2-alpaca --rows 50
+    """
+    from .eval.evaluate import evaluate as run_eval
+
+    report = run_eval(folder, merged=merged, data=data, rows=rows, generate=generations, max_new_tokens=max_new_tokens)
+    click.echo(report.table())
+    for i, shown in enumerate(report.generations, start=1):
+        click.echo(f"\n[{i}] ...{shown['prompt'][-160:]}\n  base:    {shown['base'].strip()[:400]}\n"
+                   f"  adapter: {shown['adapter'].strip()[:400]}")
+    click.echo(f"\nwritten: {Path(folder) / 'eval.json'}, {Path(folder) / 'eval.md'}")
 
 
 @main.command()
@@ -178,7 +248,8 @@ ADAPTER_HELP = "A run folder or PEFT adapter folder (repeatable); its folder nam
 @click.option("--no-template", is_flag=True, help="Send the prompt as is, not in the run's training template.")
 @user_errors
 def generate(adapters, prompts, base, max_new_tokens, no_template):
-    """Generate with each adapter for each prompt (greedy), in the prompt format each adapter was trained on.
+    """Generate with each adapter, then the bare base, for each prompt (greedy), in the prompt format each adapter
+    was trained on (the base in the first adapter's).
 
     \b
     Examples:
@@ -187,9 +258,9 @@ def generate(adapters, prompts, base, max_new_tokens, no_template):
     """
     pool = _pool(adapters, base)
     for prompt in prompts:
-        for name in pool.names:
+        for name in [*pool.names, None]:  # the bare base last, in the same prompt format, to compare with
             text = pool.generate(prompt, adapter=name, max_new_tokens=max_new_tokens, template=not no_template)
-            click.echo(f"[{name}] {text}")
+            click.echo(f"[{name or 'base'}] {text}")
 
 
 @main.command()

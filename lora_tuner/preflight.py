@@ -1,6 +1,6 @@
 """`lora-tune validate`: check a recipe and everything local it points at, without loading weights."""
 from .config import Recipe
-from .data import prepare_data
+from .data.prepare import prepare_data
 from .data.reading import BUILTIN_DEMO, is_local
 from .model.loading import check_base_source
 from .model.tokenizer import load_tokenizer

@@ -63,6 +63,18 @@ def recipe_dict(base: str, data_path: str, **sections) -> dict:
     return recipe
 
 
+def make_trainer(recipe, model, tokenizer, data, folder: Path):
+    """The trainer `lora-tune run` would build for this recipe, writing into folder."""
+    from accelerate import PartialState
+
+    from lora_tuner.run_folder import RunFolder
+    from lora_tuner.train.fast_path import resolve_fast_path
+    from lora_tuner.train.methods import make_trainer as make
+
+    resolved, _ = resolve_fast_path(recipe, "test")
+    return make(resolved, model, tokenizer, data, RunFolder(folder), PartialState())[0]
+
+
 def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> str:
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import recipe_dict, write_recipe
 from lora_tuner import AdapterPool, UserError, load_recipe, run
 from lora_tuner.cli import main
-from lora_tuner.data import ALPACA, render
+from lora_tuner.data.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 
 IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130]])

@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from conftest import SHARED, recipe_dict, write_recipe
+from conftest import SHARED, make_trainer, recipe_dict, write_recipe
 from lora_tuner import load_recipe
-from lora_tuner.data import ALPACA, prepare_data, render
+from lora_tuner.data.prepare import prepare_data
+from lora_tuner.data.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.lora import attach_lora
 from lora_tuner.model.tokenizer import load_tokenizer
-from lora_tuner.train.run import make_trainer
 
 WITH_INPUT = {"instruction": "Add the two numbers.", "input": "2 + 3", "output": "5 is the answer."}
 WITHOUT_INPUT = {"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky."}

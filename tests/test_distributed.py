@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lora_tuner.cli import main
-from lora_tuner.train.callbacks import read_metrics
+from lora_tuner.run_folder import RunFolder
 
 DEMO = str(Path(__file__).resolve().parents[1] / "recipes/demo-tiny-cpu.yaml")
 SHORT = ["--set", "train.max_steps=20", "--set", "train.logging_steps=2", "--set", "train.save_steps=10"]
@@ -28,7 +28,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # one folder, nothing half-done left
     manifest = json.loads((two / "run.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 4
-    losses = [row["loss"] for row in read_metrics(two / "metrics.jsonl") if "loss" in row]
+    losses = [row["loss"] for row in RunFolder(two).metrics() if "loss" in row]
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
     assert len(list((two / "tensorboard").iterdir())) == 1  # one event file: only rank 0 logs
 

@@ -74,8 +74,10 @@ def pickled_adapter(tiny_base, tmp):
 
 
 def unfinished(tmp, args, recipe_text="model: {}\n"):
+    """An unfinished run with a sealed checkpoint to continue from."""
     partial = tmp / ".out.partial"
-    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (partial / "checkpoints" / "checkpoint-5" / "COMPLETE").write_text("ok\n")
     (partial / "recipe.yaml").write_text(recipe_text)
     return args
 

@@ -54,8 +54,9 @@ def test_merged_logits_equal_adapter_logits(tmp_path, kind, rslora):
     report = merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), shard_size="300KB")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert (logits(merged) - expected).abs().max() < 1e-4
-    assert report["verification"]["passed"] and report["verification"]["max_abs_logit_diff"] < 1e-4
-    assert len(report["files"]) > 1 and (tmp_path / "out/model.safetensors.index.json").is_file()
+    assert report.verification.passed and report.verification.max_abs_logit_diff < 1e-4
+    assert report.dtype == "float32"  # a float32 base, no run: exported as it is
+    assert len(report.files) > 1 and (tmp_path / "out/model.safetensors.index.json").is_file()
     assert json.loads((tmp_path / "out/merge_report.json").read_text())["into"] == "original"
 
 
@@ -80,17 +81,22 @@ def test_qlora_adapter_merges_into_the_weights_it_saw(tmp_path, tiny_base, alpac
                                              trained.folder)
     expected = logits(on_4bit_base)
 
-    dequantized = merge(trained.folder, tmp_path / "deq")  # the default for a 4-bit run
+    dequantized = merge(trained.folder, tmp_path / "deq", into="dequantized")
     original = merge(trained.folder, tmp_path / "orig", into="original")
     diff_deq = (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "deq")) - expected).abs().max().item()
     diff_orig = (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "orig")) - expected).abs().max().item()
     # Dequantized weights + delta is the same arithmetic as the 4-bit kernel up to fp32 summation order (~1e-6);
     # 1e-4 leaves room for that and nothing more.
-    assert dequantized["into"] == "dequantized" and diff_deq < 1e-4
+    assert dequantized.into == "dequantized" and diff_deq < 1e-4
     # Merging into the original weights drops the quantization error the adapter was trained on.
     print(f"4-bit adapter: merged into dequantized {diff_deq:.2e}, into original {diff_orig:.2e}")
     assert diff_orig > 100 * diff_deq and diff_orig > 1e-2
-    assert original["verification"]["reference"] == "adapter on the full-precision base"
+    assert original.verification.reference.startswith("adapter on the full-precision base")
+    # The default measures both on the run's validation rows and keeps the better one.
+    auto = merge(trained.folder, tmp_path / "auto")
+    losses = auto.heldout_loss_by_target
+    assert set(losses) == {"dequantized", "original"} and auto.into == min(losses, key=losses.get)
+    assert auto.verification.passed and f"{losses[auto.into]:.4f}" in auto.into_reason
 
 
 def test_export_loads_with_plain_transformers_and_no_peft(tmp_path):

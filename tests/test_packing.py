@@ -3,14 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import recipe_dict, write_recipe
+from conftest import make_trainer, recipe_dict, write_recipe
 from lora_tuner import load_recipe
-from lora_tuner.data import prepare_data
+from lora_tuner.data.prepare import prepare_data
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.lora import attach_lora
 from lora_tuner.model.packing_check import packing_leak
 from lora_tuner.model.tokenizer import load_tokenizer
-from lora_tuner.train.run import make_trainer
 
 
 def token_losses(logits, labels):

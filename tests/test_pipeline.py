@@ -11,7 +11,7 @@ from conftest import recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
 from lora_tuner.model.loading import load_base
-from lora_tuner.train.callbacks import read_metrics
+from lora_tuner.run_folder import RunFolder
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "recipe.yaml", "run.json", "metrics.jsonl", "loss.png")
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loss_fell(folder: Path) -> tuple[float, float]:
-    losses = [row["loss"] for row in read_metrics(folder / "metrics.jsonl") if "loss" in row]
+    losses = [row["loss"] for row in RunFolder(folder).metrics() if "loss" in row]
     fifth = max(1, len(losses) // 5)
     return sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
 
@@ -36,7 +36,7 @@ def test_demo_recipe_trains_offline_and_writes_the_run_folder(tmp_path):
     assert any(p.name.startswith("checkpoint-") for p in (out / "checkpoints").iterdir())
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["versions"]["trl"] and manifest["data"]["sha256"] and manifest["finished_at"]
-    assert any("eval_loss" in row for row in read_metrics(out / "metrics.jsonl"))
+    assert any("eval_loss" in row for row in RunFolder(out).metrics())
     assert "steps     300" in result.output  # the one-screen summary
     assert not list(tmp_path.glob(".*partial"))  # the temporary folder was renamed into place
 

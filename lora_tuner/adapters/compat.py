@@ -4,8 +4,10 @@ import re
 from pathlib import Path
 
 import torch
+
 from ..errors import fail
 from ..export.lora_deltas import PEFT_PREFIX
+from ..run_folder import RunFolder
 from ..safe_files import open_safetensors
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -21,8 +23,9 @@ def check_name(name: str) -> str:
 def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> None:
     """The folder holds a safetensors LoRA adapter whose every weight matches a module of this base."""
     source = str(folder)
-    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
+    run = RunFolder(folder)
+    config_path, weights = run / RunFolder.ADAPTER_CONFIG, run / RunFolder.ADAPTER_WEIGHTS
+    if not run.has_adapter:
         pickled = " (a pickled adapter_model.bin is never read)" if (folder / "adapter_model.bin").exists() else ""
         raise fail(source, "adapter", f"no adapter_config.json + adapter_model.safetensors{pickled}",
                    "point at a lora-tune run folder or a PEFT adapter saved as safetensors")
@@ -30,7 +33,7 @@ def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> 
     if config.get("peft_type") != "LORA":
         raise fail(source, "adapter_config.json", f"peft_type {config.get('peft_type')!r} is not supported",
                    "only LoRA adapters can be pooled")
-    trained_on = _trained_base(folder)
+    trained_on = run.manifest().base_model.name_or_path if run.is_run else None
     if trained_on and base_id and not _same_base(trained_on, base_id):
         raise fail(source, "base", f"the adapter was trained on {trained_on!r}, the pool holds {base_id!r}",
                    "load the pool on the adapter's base (its run.json says which)")
@@ -54,13 +57,6 @@ def _check_weight(key: str, shape: list[int], modules: dict, source: str, base_i
     if not fits:
         raise fail(source, "adapter", f"{key!r} has shape {list(shape)}, base {base_id!r} has {module_name} "
                    f"{in_features}->{out_features}", "this adapter belongs to a base of another size")
-
-
-def _trained_base(folder: Path) -> str | None:
-    manifest = folder / "run.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text(encoding="utf-8"))["base_model"]["name_or_path"]
-    return None
 
 
 def _same_base(a: str, b: str) -> bool:

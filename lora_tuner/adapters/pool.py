@@ -1,5 +1,4 @@
 """One base model in memory, many LoRA adapters, switched per call with peft's multi-adapter machinery."""
-import json
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -8,11 +7,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from ..config import load_recipe
 from ..config.schema import ModelSection, QuantizationSection
 from ..errors import fail
 from ..model.loading import load_base
 from ..model.tokenizer import load_tokenizer
+from ..run_folder import RunFolder
 from .compat import check_adapter, check_name
 from .prompting import training_prompt
 
@@ -21,16 +20,19 @@ BASE_ROW = "__base__"  # peft's name for "no adapter" in per-row adapter_names
 
 class AdapterPool:
     """Adapters are read from disk when added; at most `max_loaded` stay resident (least recently used evicted
-    and re-read on demand). All model calls hold one lock, so concurrent callers never see another's adapter."""
+    and re-read on demand). All model calls hold one lock, so concurrent callers never see another's adapter.
+
+    Generation puts each instruction in the prompt format its adapter was trained with. Rows for the bare base
+    (adapter None) use the pool's format: the run's when the pool is built on a run folder, else the first added
+    adapter's, so base and adapter answers to the same instruction are comparable."""
 
     def __init__(self, base: str, quantization: str = "none", dtype: str = "float32", max_loaded: int = 8,
                  tokenizer: str | None = None):
-        run_manifest = Path(base) / "run.json"
-        if run_manifest.is_file():  # a run folder: its base, quantization, dtype and tokenizer
-            recipe = load_recipe(Path(base) / "recipe.yaml")
+        run = RunFolder(base)
+        if run.is_run:  # a run folder: its base, quantization, dtype and tokenizer
+            recipe = run.recipe()
             section = recipe.model.model_copy(update={
-                "name_or_path": json.loads(run_manifest.read_text())["base_model"]["name_or_path"],
-                "init": "pretrained", "tokenizer": tokenizer or base})
+                "name_or_path": run.base_model(), "init": "pretrained", "tokenizer": tokenizer or base})
             quant = recipe.quantization
         else:
             section = ModelSection(name_or_path=base, dtype=dtype, tokenizer=tokenizer)
@@ -41,7 +43,8 @@ class AdapterPool:
         self.model = load_base(section, quant, section.name_or_path, "AdapterPool").eval()
         self.max_loaded = max_loaded
         self.paths: dict[str, Path] = {}
-        self.prompts = {}
+        self.prompts = {}  # name -> instruction -> prompt ids, None for adapters of unknown format
+        self.base_prompt = training_prompt(run, self.tokenizer)
         self.resident: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
         self.lock = threading.RLock()
 
@@ -54,7 +57,8 @@ class AdapterPool:
             if name in self.resident:
                 self._unload(name)
             self.paths[name] = folder
-            self.prompts[name] = training_prompt(folder, self.tokenizer)
+            self.prompts[name] = training_prompt(RunFolder(folder), self.tokenizer)
+            self.base_prompt = self.base_prompt or self.prompts[name]
             self._ensure_loaded(name)
 
     def remove(self, name: str) -> None:
@@ -83,7 +87,11 @@ class AdapterPool:
             self.model.set_adapter(name)
             yield self.model
 
-    @torch.no_grad()
+    def prompt_ids(self, text: str, adapter: str | None, template: bool = True) -> list[int]:
+        """The token ids generation starts from: the instruction in the adapter's training prompt (see the class)."""
+        render = (self.prompts[self._known(adapter)] if adapter is not None else self.base_prompt) if template else None
+        return render(text) if render else self.tokenizer(text)["input_ids"]
+
     def generate(self, prompts: str | list[str], adapter: str | None | list[str | None] = None,
                  max_new_tokens: int = 64, template: bool = True, **generate_kwargs) -> str | list[str]:
         """Greedy by default. One adapter for all prompts, or one per prompt (a single mixed batch)."""
@@ -93,11 +101,17 @@ class AdapterPool:
         if len(adapters) != len(prompts):
             raise fail("generate", "adapter", f"{len(adapters)} adapters for {len(prompts)} prompts",
                        "give one adapter per prompt, or a single one for all")
-        texts = [self.prompts[a](p) if template and a is not None else p
-                 for p, a in zip(prompts, (self._known(a) for a in adapters))]
+        ids = [self.prompt_ids(p, a, template) for p, a in zip(prompts, adapters)]
+        decoded = self.generate_from_ids(ids, adapters, max_new_tokens, **generate_kwargs)
+        return decoded[0] if single else decoded
+
+    @torch.no_grad()
+    def generate_from_ids(self, ids: list[list[int]], adapters: list[str | None], max_new_tokens: int = 64,
+                          **generate_kwargs) -> list[str]:
+        """Generation from prompts already tokenized, one adapter (or None) per row."""
         generate_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
         with self.lock:
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.model.device)
+            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.model.device)
             if len(set(adapters)) == 1:
                 with self.use(adapters[0]) as model:
                     out = model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id)
@@ -110,9 +124,7 @@ class AdapterPool:
                     self._ensure_loaded(name)
                 out = self.model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
                                           adapter_names=[a or BASE_ROW for a in adapters])
-        new = out[:, batch["input_ids"].shape[1]:]
-        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return decoded[0] if single else decoded
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def _known(self, name: str | None) -> str | None:
         if name is not None and name not in self.paths:

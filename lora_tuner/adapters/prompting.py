@@ -1,19 +1,17 @@
 """The prompt an adapter was trained with, so generation sees what training saw."""
-from pathlib import Path
 from typing import Callable
 
-from ..config import load_recipe
-from ..data.templates import render, resolve
+from ..data.formats import FORMATS
+from ..data.templates import resolve
+from ..data.tokenize import prompt_ids
+from ..run_folder import RunFolder
 
 
-def training_prompt(folder: Path, tokenizer) -> Callable[[str], str]:
-    """text -> prompt: the run's Alpaca-style template or chat template; unchanged text for plain adapters."""
-    recipe_path = folder / "recipe.yaml"
-    if not recipe_path.is_file():
-        return lambda text: text
-    data = load_recipe(recipe_path).data
-    if data.format == "chat":
-        return lambda text: tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    template = resolve(data.template)
-    return lambda text: render(template, text, "")
+def training_prompt(folder: RunFolder, tokenizer) -> Callable[[str], list[int]] | None:
+    """instruction -> the prompt's token ids as the run's training built them; None for a bare PEFT adapter, whose
+    prompt format is unknown."""
+    if not folder.is_run:
+        return None
+    data = folder.recipe().data
+    data_format, template = FORMATS[data.format], resolve(data.template)
+    return lambda text: prompt_ids(tokenizer, data_format.prompt_for(text, template))

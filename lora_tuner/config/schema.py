@@ -4,12 +4,17 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from ..data.formats import FORMATS
+from ..data.templates import slot_problems
+
 DType = Literal["bfloat16", "float16", "float32"]
+AutoDType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class Section(BaseModel):
     # extra="forbid": a typo is an error, never a silently ignored key.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: .inf or .nan in YAML is never a meaningful setting, and would fail deep inside training.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -28,7 +33,10 @@ class ModelSection(Section):
         description="Tokenizer folder or hub id, a SentencePiece .model file, or 'bytes' (built in); "
         "default: the base model's.",
     )
-    dtype: DType = Field("bfloat16", description="Dtype of the unquantized weights and of training arithmetic.")
+    dtype: AutoDType = Field(
+        "auto", description="Dtype of the unquantized base weights and of training arithmetic (LoRA weights and "
+        "optimizer state stay fp32); auto: bfloat16 where the GPU or CPU computes it natively, else float16 on a GPU, "
+        "float32 on a CPU.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto lets transformers pick (sdpa where the architecture has it)."
     )
@@ -53,7 +61,8 @@ class QuantizationSection(Section):
     mode: Literal["none", "8bit", "4bit"] = Field("none", description="Load the base 4-bit (QLoRA), 8-bit or unquantized.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the 4-bit scaling constants too (saves ~0.4 bit/param).")
-    compute_dtype: DType = Field("bfloat16", description="Dtype 4-bit weights are dequantized to for matmuls.")
+    compute_dtype: AutoDType = Field("auto", description="Dtype 4-bit weights are dequantized to for matmuls; auto: "
+                                     "as model.dtype.")
 
 
 class LoraSection(Section):
@@ -71,14 +80,21 @@ class TemplatePair(Section):
     with_input: str = Field(description="Prompt for rows with an input; uses {instruction} and {input}.")
     without_input: str = Field(description="Prompt for rows without an input; uses {instruction}.")
 
+    @model_validator(mode="after")
+    def _slots_are_the_formats(self):
+        problems = [f"with_input: {p}" for p in slot_problems(self.with_input, ("instruction", "input"))]
+        problems += [f"without_input: {p}" for p in slot_problems(self.without_input, ("instruction",))]
+        if problems:
+            raise ValueError("; ".join(problems) + " (placeholders are {instruction} and {input})")
+        return self
+
 
 class DataSection(Section):
     path: str = Field(
         description="Local .json/.jsonl/.parquet file, a hub data set id, or builtin:demo-tasks (generated offline)."
     )
-    format: Literal["alpaca", "dolly", "chat"] = Field(
-        "alpaca",
-        description="alpaca: instruction/input/output; dolly: instruction/context/response; chat: messages.",
+    format: Literal[tuple(FORMATS)] = Field(
+        "alpaca", description="Row format; " + "; ".join(f"{name}: {f.doc}" for name, f in FORMATS.items()) + ".",
     )
     template: Union[Literal["alpaca"], TemplatePair] = Field(
         "alpaca", description="Prompt template for alpaca/dolly rows: 'alpaca' or {with_input, without_input}."
@@ -96,6 +112,7 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
+    method: Literal["sft"] = Field("sft", description="Training method: sft (supervised fine-tuning on the responses).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: Union[Literal["auto"], PositiveInt] = Field(
@@ -118,7 +135,10 @@ class TrainSection(Section):
     liger: Union[Literal["auto"], bool] = Field(
         "auto", description="Liger's fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); auto: on "
         "CUDA when liger-kernel is installed.")
-    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    response_loss: Union[Literal["auto"], bool] = Field(
+        "auto", description="Run the LM head on response tokens only, in chunks (no full logits; token accuracy from "
+        "the same pass); auto: on when it equals the model's own loss, checked at start.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps (metrics.jsonl, tensorboard).")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the validation rows every N steps.")
     save_steps: int = Field(200, ge=1, description="Write a checkpoint every N steps.")

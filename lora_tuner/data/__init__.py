@@ -1,5 +1,2 @@
-"""Data: read rows, convert formats to prompt/completion examples, drop and report bad rows, split."""
-from .prepare import PreparedData, prepare_data
-from .templates import ALPACA, render
-
-__all__ = ["ALPACA", "PreparedData", "prepare_data", "render"]
+"""Data: read rows (reading), the formats and their prompt templates (formats, templates), token ids exactly as
+inference sees them (tokenize), checked train/validation rows (prepare)."""

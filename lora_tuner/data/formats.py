@@ -1,41 +1,62 @@
-"""Turn raw rows of each format into TRL prompt/completion examples, naming what is wrong with bad rows.
+"""The data formats, in one registry: which columns a row needs, how it becomes a prompt/completion example, and the
+chat template that renders exactly the prompt the model is trained on (so tools that prompt by chat template prompt
+the model as training did). Adding a format is adding one entry here.
 
-Plain strings for alpaca/dolly (TRL appends EOS to the completion); message lists for chat, where the last
-assistant turn is the completion, so loss-on-response works with any chat template."""
-from ..config.schema import DataSection
-from .templates import render, resolve
+Examples are TRL's prompt/completion shape: plain strings for instruction formats, message lists for chat (the last
+assistant turn is the completion, so loss-on-response works with any chat template)."""
+from dataclasses import dataclass
+from typing import Callable
 
-# format -> (instruction key, optional input key, response key)
-FIELDS = {"alpaca": ("instruction", "input", "output"), "dolly": ("instruction", "context", "response")}
-
-
-def required_columns(data_format: str) -> tuple[str, ...]:
-    if data_format == "chat":
-        return ("messages",)
-    instruction, _, response = FIELDS[data_format]
-    return instruction, response
+from .templates import as_jinja, render
 
 
-def to_example(row, data: DataSection) -> dict | str:
-    """The TRL example for a row, or a short reason why the row is unusable."""
-    if not isinstance(row, dict):
-        return f"not an object ({type(row).__name__})"
-    if data.format == "chat":
-        return _chat_example(row)
-    instruction_key, input_key, response_key = FIELDS[data.format]
-    for key in (instruction_key, response_key):
-        if key not in row or row[key] is None:
-            return f"missing '{key}'"
-    for key in (instruction_key, input_key, response_key):
-        if row.get(key) is not None and not isinstance(row[key], str):
-            return f"'{key}' is not a string"
-    if not row[response_key].strip():
-        return f"empty '{response_key}'"
-    prompt = render(resolve(data.template), row[instruction_key], row.get(input_key) or "")
-    return {"prompt": prompt, "completion": row[response_key]}
+@dataclass(frozen=True)
+class DataFormat:
+    name: str
+    doc: str  # one line, shown in the recipe reference
+    columns: tuple[str, ...]  # required in every row
+    to_example: Callable[[dict, object], dict | str]  # (row, prompt template) -> example, or why the row is unusable
+    # (prompt template, whether training encodings start with BOS) -> chat template; None keeps the tokenizer's own
+    chat_template: Callable[[object, bool], str | None]
+    # (a user's instruction, prompt template) -> the prompt training would build for it (generation, eval)
+    prompt_for: Callable[[str, object], str | list]
 
 
-def _chat_example(row: dict) -> dict | str:
+def _instruction_format(name: str, instruction: str, context: str, response: str) -> DataFormat:
+    def to_example(row: dict, template) -> dict | str:
+        for key in (instruction, response):
+            if key not in row or row[key] is None:
+                return f"missing '{key}'"
+        for key in (instruction, context, response):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                return f"'{key}' is not a string"
+        if not row[response].strip():
+            return f"empty '{response}'"
+        return {"prompt": render(template, row[instruction], row.get(context) or ""),
+                "completion": row[response]}
+
+    return DataFormat(name, f"{instruction} / {context} (optional) / {response}", (instruction, response), to_example,
+                      _instruction_chat_template, lambda text, template: render(template, text, ""))
+
+
+def _instruction_chat_template(template, bos: bool) -> str:
+    """A user message renders the training prompt (its optional 'input' key fills {input}); an assistant message
+    renders the response and the EOS training appended. Single-turn, as the format is."""
+    slots = {"instruction": "message['content']", "input": "message['input']"}
+    return "".join([
+        "{%- for message in messages -%}",
+        "{%- if loop.first -%}{{ bos_token }}{%- endif -%}" if bos else "",
+        "{%- if message['role'] == 'user' -%}",
+        "{%- if message.get('input') -%}", as_jinja(template.with_input, slots),
+        "{%- else -%}", as_jinja(template.without_input, slots), "{%- endif -%}",
+        "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}",
+        "{%- else -%}{{ raise_exception('this model was trained on instruction/response pairs: use user and "
+        "assistant messages only') }}{%- endif -%}",
+        "{%- endfor -%}",
+    ])
+
+
+def _chat_example(row: dict, template) -> dict | str:
     messages = row.get("messages")
     if not isinstance(messages, list) or len(messages) < 2:
         return "'messages' is not a list of at least two messages"
@@ -45,3 +66,16 @@ def _chat_example(row: dict) -> dict | str:
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         return "the last message is not a non-empty assistant reply"
     return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+FORMATS = {f.name: f for f in (
+    _instruction_format("alpaca", "instruction", "input", "output"),
+    _instruction_format("dolly", "instruction", "context", "response"),
+    DataFormat("chat", "messages (role/content), rendered with the tokenizer's chat template; the last assistant "
+               "turn is trained", ("messages",), _chat_example, lambda template, bos: None,
+               lambda text, template: [{"role": "user", "content": text}]),
+)}
+
+
+def is_conversational(example: dict) -> bool:
+    return isinstance(example["prompt"], list)

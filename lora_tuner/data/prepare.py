@@ -1,4 +1,5 @@
-"""From a recipe's data section to checked train/validation datasets, with every dropped row accounted for."""
+"""From a recipe's data section to checked, tokenized train/validation rows, with every dropped row accounted for."""
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -7,22 +8,42 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config.schema import Recipe
 from ..errors import fail
-from .formats import required_columns, to_example
+from .formats import FORMATS
 from .reading import read_rows
+from .templates import resolve
+from .tokenize import TokenizedExample, tokenize_examples
 
 SHOWN_ROWS = 5  # row numbers quoted per reason; the count is always complete
 
 
 @dataclass
+class Row:
+    number: int  # 1-based position in the source data, as error messages and run.json name rows
+    example: dict  # prompt/completion
+    tokens: TokenizedExample | None  # None when prepared without a tokenizer (validate with a hub tokenizer)
+
+
+@dataclass
 class PreparedData:
-    train: Dataset
-    eval: Dataset | None
+    train: list[Row]
+    eval: list[Row]
     sha256: str
     rows_read: int
-    dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> 1-based row numbers
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> row numbers
 
     def dropped_summary(self) -> str:
         return dropped_summary(self.dropped, self.rows_read)
+
+    def dataset(self, split: str, train_on_inputs: bool) -> Dataset | None:
+        """The split as TRL's pre-tokenized rows (input_ids, labels); TRL packs them."""
+        rows = getattr(self, split)
+        if not rows:
+            return None
+        return Dataset.from_list([row.tokens.training_row(train_on_inputs) for row in rows])
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(row.tokens) for row in self.train)
 
 
 def dropped_summary(dropped: dict[str, list[int]], rows_read: int) -> str:
@@ -34,61 +55,62 @@ def dropped_summary(dropped: dict[str, list[int]], rows_read: int) -> str:
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None, source: str) -> PreparedData:
     """Without a tokenizer (a hub one, checked offline) lengths are left unchecked; everything else is checked."""
     data = recipe.data
+    data_format = FORMATS[data.format]
     raw = read_rows(data.path, data.limit, source)
     if not raw.rows:
         raise fail(source, "data.path", f"{data.path!r} holds no rows", "point data.path at a non-empty data set")
-    examples, dropped = {}, defaultdict(list)
-    for number, row in enumerate(raw.rows, start=1):
-        example = to_example(row, data)
+    rows, dropped, template = [], defaultdict(list), resolve(data.template)
+    for number, item in enumerate(raw.rows, start=1):
+        example = data_format.to_example(item, template) if isinstance(item, dict) else \
+            f"not an object ({type(item).__name__})"
         if isinstance(example, str):
             dropped[example].append(number)
         else:
-            examples[number] = example
-    if not examples and all(reason.startswith("missing") for reason in dropped):
+            rows.append(Row(number, example, None))
+    if not rows and all(reason.startswith("missing") for reason in dropped):
         raise _wrong_columns(raw.rows[0], data.format, source)
-    too_long = f"longer than data.max_length={data.max_length} tokens"
-    lengths = token_lengths(tokenizer, list(examples.values())) if tokenizer else []
-    for number, length in zip(list(examples), lengths):
-        if length > data.max_length:
-            dropped[too_long].append(number)
-            del examples[number]
-    if not examples:
+    if tokenizer is not None:
+        rows = _tokenized(rows, tokenizer, data.max_length, dropped)
+    if not rows:
         raise fail(source, "data", f"no usable rows: {dropped_summary(dropped, len(raw.rows))}",
                    "fix the rows, or raise data.max_length if they are too long")
     if dropped and data.bad_rows == "fail":
         raise fail(source, "data.bad_rows", f"'fail' and {dropped_summary(dropped, len(raw.rows))}",
                    "fix those rows or set data.bad_rows: drop")
-    train, validation = _split(Dataset.from_list(list(examples.values())), recipe, source)
+    train, validation = _split(rows, recipe, source)
     return PreparedData(train, validation, raw.sha256, len(raw.rows), dict(dropped))
 
 
-def token_lengths(tokenizer: PreTrainedTokenizerBase, examples: list[dict]) -> list[int]:
-    """Tokens per example as TRL will build it: prompt + completion + EOS."""
-    if not examples:
-        return []
-    if isinstance(examples[0]["prompt"], list):
-        return [len(tokenizer.apply_chat_template(e["prompt"] + e["completion"], tokenize=True)["input_ids"])
-                for e in examples]
-    texts = [e["prompt"] + e["completion"] + tokenizer.eos_token for e in examples]
-    return [len(ids) for ids in tokenizer(texts)["input_ids"]]
+def _tokenized(rows: list[Row], tokenizer, max_length: int, dropped: dict) -> list[Row]:
+    kept = []
+    too_long = f"longer than data.max_length={max_length} tokens"
+    for row, tokens in zip(rows, tokenize_examples(tokenizer, [row.example for row in rows])):
+        if isinstance(tokens, str):
+            dropped[tokens].append(row.number)
+        elif len(tokens) > max_length:
+            dropped[too_long].append(row.number)
+        else:
+            kept.append(Row(row.number, row.example, tokens))
+    return kept
 
 
-def _split(dataset: Dataset, recipe: Recipe, source: str) -> tuple[Dataset, Dataset | None]:
+def _split(rows: list[Row], recipe: Recipe, source: str) -> tuple[list[Row], list[Row]]:
     size = recipe.data.validation_size
     if size == 0:
-        return dataset, None
-    count = round(size * len(dataset)) if size < 1 else int(size)
-    if not 1 <= count < len(dataset):
-        raise fail(source, "data.validation_size", f"{size} leaves {count} of {len(dataset)} rows for validation",
+        return rows, []
+    count = round(size * len(rows)) if size < 1 else int(size)
+    if not 1 <= count < len(rows):
+        raise fail(source, "data.validation_size", f"{size:g} leaves {count} of {len(rows)} usable rows for validation",
                    "choose a fraction or count that leaves rows on both sides")
-    parts = dataset.train_test_split(test_size=count, seed=recipe.train.seed)
-    return parts["train"], parts["test"]
+    held_out = set(random.Random(recipe.train.seed).sample(range(len(rows)), count))
+    return ([row for i, row in enumerate(rows) if i not in held_out],
+            [row for i, row in enumerate(rows) if i in held_out])
 
 
 def _wrong_columns(first_row, data_format: str, source: str):
     found = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
-    return fail(source, "data.format", f"{data_format!r} needs columns {list(required_columns(data_format))}, "
-                f"the data has {found}", "set data.format to match the file (alpaca, dolly, chat) or rename the columns")
+    return fail(source, "data.format", f"{data_format!r} needs columns {list(FORMATS[data_format].columns)}, "
+                f"the data has {found}", f"set data.format to match the file ({', '.join(FORMATS)}) or rename the columns")
 
 
 def _rows(numbers: list[int]) -> str:

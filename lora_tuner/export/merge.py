@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 
 from ..atomic_folder import AtomicFolder
-from ..config import load_recipe
 from ..config.schema import QuantizationSection, Recipe
 from ..errors import fail
+from ..run_folder import RunFolder
 from .base_reader import base_shards, plan_entries
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
-from .streaming import stream_merge
+from .report import MergeReport
+from .streaming import Float16Overflow, stream_merge
 
 # transformers and peft are imported only by the steps that need them (4-bit round trip, verification):
 # a --no-verify merge of a 16-bit adapter is pure tensor streaming and should not pay seconds of imports.
@@ -25,51 +26,115 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
+class Choice:
+    """A decision with its reason, as the summary and merge_report.json state it."""
+
+    def __init__(self, value, reason: str):
+        self.value, self.reason = value, reason
+
+
 def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str | None = None,
-          into: str | None = None, shard_size: str | int = "5GB", force: bool = False, verify: bool = True) -> dict:
+          into: str = "auto", shard_size: str | int = "5GB", force: bool = False, verify: bool = True,
+          verify_rows: int | None = None) -> MergeReport:
     """Merge ADAPTER (a run folder or PEFT adapter folder) into its base and write standalone weights to OUT.
     Returns the merge report (also written to OUT/merge_report.json)."""
     started = time.time()
-    adapter = Path(adapter)
+    run = RunFolder(adapter)
     source = str(adapter)
-    deltas = LoraDeltas(adapter, source)
-    recipe = _run_recipe(adapter)
+    deltas = LoraDeltas(run.path, source)
+    recipe = run.recipe() if run.is_run else None
     quantization = recipe.quantization if recipe else QuantizationSection()
-    base_folder = _base_folder(base, adapter, deltas, source)
-    into = _merge_target(into, quantization, source)
-    out_dtype = _out_dtype(dtype, recipe, base_folder)
-    entries = plan_entries(base_shards(base_folder, source), out_dtype, source)
+    base_folder = _base_folder(base, run, source)
+    targets = _merge_targets(into, quantization, verify, source)
+    out_dtype = _default_dtype(recipe, base_folder) if dtype is None else Choice(DTYPES[dtype], "--dtype")
+    entries = plan_entries(base_shards(base_folder, source), out_dtype.value, source)
     _check_fit(deltas, entries, base_folder, source)
 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
     folder.check_free(force)
-    _check_disk(sum(e.nbytes for e in entries), folder.final.parent, source)
+    _check_disk(sum(e.nbytes for e in entries) * len(targets.value), folder.final.parent, source)
     max_bytes = _max_bytes(shard_size, source)
     work = folder.start()
-    with _write_limits_as_one_line(work, max_bytes, source):
-        files = stream_merge(deltas, entries, work, out_dtype, max_bytes,
-                             quantization if into == "dequantized" else None, base_folder, recipe)
-        _copy_side_files(base_folder, adapter, work, out_dtype)
-        report = {
-            "adapter": str(adapter.resolve()), "base": str(base_folder), "into": into,
-            "dtype": str(out_dtype).removeprefix("torch."), "files": files, "seconds": 0.0,
-            "base_quantization": quantization.mode, "recipe_sha256": _run_manifest(adapter).get("recipe_sha256"),
-        }
-        if verify:
-            from .verify import verify_export
-
-            report["verification"] = verify_export(work, base_folder, adapter, recipe, quantization, into, out_dtype,
-                                                   source)
-        report["seconds"] = time.time() - started
-        (work / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (work / "README.md").write_text(model_card(report), encoding="utf-8")
-    if verify and not report["verification"]["passed"]:
-        v = report["verification"]
-        raise fail(source, "verification", f"merged logits differ by {v['max_abs_logit_diff']:.3g} "
-                   f"({v['relative_diff']:.2e} of max |logit| > {v['tolerance']:.0e}); the export is kept in "
-                   f"{str(work)!r}, not put in place", "report this with merge_report.json; --no-verify skips the check")
+    places = {target: work if i == 0 else work.with_name(f"{work.name}-{target}")
+              for i, target in enumerate(targets.value)}
+    try:
+        with _write_limits_as_one_line(work, max_bytes, source):
+            for target, place in places.items():
+                place.mkdir(exist_ok=True)
+                files, out_dtype = _write_weights(deltas, base_folder, place, out_dtype, max_bytes,
+                                                  quantization if target == "dequantized" else None, recipe, source)
+                _copy_side_files(base_folder, run, place, out_dtype.value)
+        chosen, losses, verification = _check(run, places, targets, base_folder, quantization, recipe, out_dtype,
+                                              verify, verify_rows, source)
+        if chosen.value != targets.value[0]:
+            shutil.rmtree(work)
+            places[chosen.value].rename(work)
+    finally:
+        for target, place in places.items():
+            if place != work:
+                shutil.rmtree(place, ignore_errors=True)
+    report = MergeReport(
+        adapter=str(run.path.resolve()), base=str(base_folder), into=chosen.value, into_reason=chosen.reason,
+        dtype=str(out_dtype.value).removeprefix("torch."), dtype_reason=out_dtype.reason,
+        heldout_loss_by_target=losses, files=files, seconds=time.time() - started,
+        base_quantization=quantization.mode, recipe_sha256=run.manifest().recipe_sha256 if run.is_run else None,
+        verification=verification)
+    (work / "merge_report.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (work / "README.md").write_text(model_card(report), encoding="utf-8")
+    if verification is not None and not verification.passed:
+        raise fail(source, "verification", f"the export fails: {verification.why}; it is kept in {str(work)!r}, not "
+                   "put in place", _verification_fix(out_dtype.value))
     folder.finish()
     return report
+
+
+def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, quantization: QuantizationSection,
+           recipe: Recipe | None, out_dtype: Choice, verify: bool, rows: int | None, source: str):
+    """(the merge target kept, each target's held-out loss, the kept export's verification)."""
+    if not verify:
+        return Choice(targets.value[0], targets.reason), {}, None
+    from .verify import ROWS, export_loss, reference_model, verification_rows
+    from .verify import verify as verify_export
+
+    batches, count, held_out = verification_rows(run, places[targets.value[0]], rows or ROWS)
+    losses = {}
+    if len(targets.value) > 1:
+        losses = {target: export_loss(place, batches, f"--into {target}") for target, place in places.items()}
+        best = min(losses, key=losses.get)
+        chosen = Choice(best, "auto: " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items()) +
+                        f" held-out loss; {best} kept")
+    else:
+        chosen = Choice(targets.value[0], targets.reason)
+    on_4bit = chosen.value == "dequantized"
+    reference = reference_model(base_folder, run.path, quantization if on_4bit else None, source)
+    name = f"adapter on the {'4-bit' if on_4bit else 'full-precision'} base (float32)"
+    return chosen, losses, verify_export(places[chosen.value], reference, batches, count, held_out, name)
+
+
+def _write_weights(deltas, base_folder: Path, place: Path, out_dtype: Choice, max_bytes: int,
+                   quantization: QuantizationSection | None, recipe: Recipe | None, source: str):
+    """(files, dtype written). A float16 export that would overflow falls back to the trained dtype when float16
+    was the default, and is refused when it was asked for."""
+    entries = plan_entries(base_shards(base_folder, source), out_dtype.value, source)
+    try:
+        return stream_merge(deltas, entries, place, out_dtype.value, max_bytes, quantization, base_folder,
+                            recipe), out_dtype
+    except Float16Overflow as overflow:
+        if out_dtype.reason == "--dtype":
+            raise fail(source, "--dtype", f"fp16: merged {overflow.name!r} exceeds float16's range (65,504)",
+                       "use --dtype bf16 or fp32") from None
+        fallback = Choice(torch.bfloat16, f"default: float16 would overflow in {overflow.name!r}, so bfloat16")
+        for stale in place.iterdir():
+            stale.unlink()
+        return _write_weights(deltas, base_folder, place, fallback, max_bytes, quantization, recipe, source)
+
+
+def _verification_fix(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16:
+        return "merge with --dtype fp16 (3 more mantissa bits keep small updates bf16 rounds away) or --dtype fp32"
+    if dtype == torch.float16:
+        return "merge with --dtype fp32"
+    return "report this with merge_report.json; --no-verify skips the check"
 
 
 @contextmanager
@@ -88,20 +153,8 @@ def _write_limits_as_one_line(work: Path, max_bytes: int, source: str):
         raise
 
 
-def _run_recipe(adapter: Path) -> Recipe | None:
-    """The recipe a lora-tune run folder saved; None for a plain PEFT adapter folder."""
-    path = adapter / "recipe.yaml"
-    return load_recipe(path) if path.is_file() else None
-
-
-def _run_manifest(adapter: Path) -> dict:
-    path = adapter / "run.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _base_folder(base: str | None, adapter: Path, deltas: LoraDeltas, source: str) -> Path:
-    name = base or _run_manifest(adapter).get("base_model", {}).get("name_or_path") \
-        or deltas.config.get("base_model_name_or_path")
+def _base_folder(base: str | None, run: RunFolder, source: str) -> Path:
+    name = base or run.base_model()
     if not name:
         raise fail(source, "--base", "the adapter does not say which base it belongs to", "pass --base PATH")
     if Path(name).is_dir():
@@ -115,23 +168,37 @@ def _base_folder(base: str | None, adapter: Path, deltas: LoraDeltas, source: st
                    "download it first and pass --base DIR") from None
 
 
-def _merge_target(into: str | None, quantization: QuantizationSection, source: str) -> str:
-    if into is None:
-        return "dequantized" if quantization.mode == "4bit" else "original"
+def _merge_targets(into: str, quantization: QuantizationSection, verify: bool, source: str) -> Choice:
+    """The weights to merge into: for a 4-bit run, by default both the dequantized 4-bit weights training saw and the
+    original ones, keeping whichever scores better on held-out rows (on real weights either can win)."""
+    if into == "auto":
+        if quantization.mode != "4bit":
+            return Choice(("original",), "auto: the adapter was trained on an unquantized base" if
+                          quantization.mode == "none" else "auto: 8-bit has no single dequantized weight")
+        if verify:
+            return Choice(("dequantized", "original"), "auto: both measured")
+        return Choice(("dequantized",), "auto without verification: the weights training saw, unmeasured")
     if into == "dequantized" and quantization.mode != "4bit":
         why = ("8-bit matmuls keep outlier columns in 16-bit, so no single dequantized weight exists"
                if quantization.mode == "8bit" else "the adapter was trained on an unquantized base")
-        raise fail(source, "--into", f"'dequantized' is not available: {why}", "use --into original")
-    return into
+        raise fail(source, "--into", f"'dequantized' is not available: {why}", "use --into original or auto")
+    return Choice((into,), "--into")
 
 
-def _out_dtype(dtype: str | None, recipe: Recipe | None, base_folder: Path) -> torch.dtype:
-    if dtype:
-        return DTYPES[dtype]
-    if recipe:
-        return getattr(torch, recipe.model.dtype)
+def _default_dtype(recipe: Recipe | None, base_folder: Path) -> Choice:
+    """float32 runs export float32 (exact). 16-bit runs export float16: rounding W + BA to bfloat16's 8-bit mantissa
+    drops much of a small update (a real bf16 export kept 87% of the held-out gain, float16 99.9%); a value beyond
+    float16's range makes the merge fall back to bfloat16."""
+    trained = recipe.model.dtype if recipe else _config_dtype(base_folder)
+    if trained == "float32":
+        return Choice(torch.float32, "default: the run trained in float32")
+    return Choice(torch.float16, f"default: float16 keeps the adapter's small updates that bfloat16 rounds away "
+                  f"(trained in {trained})")
+
+
+def _config_dtype(base_folder: Path) -> str:
     config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
-    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    return config.get("dtype") or config.get("torch_dtype") or "float32"
 
 
 def _check_fit(deltas: LoraDeltas, entries, base_folder: Path, source: str) -> None:
@@ -150,8 +217,15 @@ def _check_disk(needed: int, parent: Path, source: str) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
     if needed > free:
-        raise fail(source, "--out", f"needs {needed / 2**30:.1f} GiB, {parent} has {free / 2**30:.1f} GiB free",
+        raise fail(source, "--out", f"needs {_size(needed)}, {parent} has {_size(free)} free",
                    "free some space or choose another --out")
+
+
+def _size(count: int) -> str:
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if count >= factor:
+            return f"{count / factor:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _max_bytes(shard_size: str | int, source: str) -> int:
@@ -164,14 +238,37 @@ def _max_bytes(shard_size: str | int, source: str) -> int:
     raise fail(source, "--shard-size", f"{shard_size!r} is not a size", "write e.g. 5GB or 500MB")
 
 
-def _copy_side_files(base_folder: Path, adapter: Path, work: Path, out_dtype: torch.dtype) -> None:
+def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: torch.dtype) -> None:
+    """config.json without quantization, and the run's tokenizer files: they carry the chat template that renders
+    the training prompt, so the export is prompted the way it was trained."""
     config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)  # the export is plain dense weights
     config["dtype"] = str(out_dtype).removeprefix("torch.")
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if (base_folder / "generation_config.json").is_file():
-        shutil.copy2(base_folder / "generation_config.json", work)
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base_folder
+    tokenizer_source = run.path if (run / "tokenizer_config.json").is_file() else base_folder
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, work)
+    for name in (RunFolder.RECIPE, RunFolder.VALIDATION):  # so `lora-tune eval EXPORT` scores the run's rows
+        if (run / name).is_file():
+            shutil.copy2(run / name, work)
+    if (base_folder / "generation_config.json").is_file():
+        generation = json.loads((base_folder / "generation_config.json").read_text(encoding="utf-8"))
+        eos = _eos_id(work)
+        stops = generation.get("eos_token_id")
+        stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+        if eos is not None and eos not in stops:  # generation stops where training's responses ended
+            generation["eos_token_id"] = stops + [eos]
+        (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def _eos_id(folder: Path) -> int | None:
+    """The EOS token id the tokenizer files name, read from JSON (no tokenizer library needed)."""
+    config, vocab = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not config.is_file() or not vocab.is_file():
+        return None
+    eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    tokenizer = json.loads(vocab.read_text(encoding="utf-8"))
+    added = {token["content"]: token["id"] for token in tokenizer.get("added_tokens", [])}
+    return added.get(eos, tokenizer.get("model", {}).get("vocab", {}).get(eos))

@@ -21,6 +21,14 @@ QUEUED_PER_WORKER = 2
 _worker = threading.local()  # each worker's reused buffers
 
 
+class Float16Overflow(Exception):
+    """A merged value beyond float16's range (65,504): the export cannot be float16."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 def stream_merge(deltas: LoraDeltas, entries: list[Entry], work: Path, out_dtype: torch.dtype, max_bytes: int,
                  quantization: QuantizationSection | None, base_folder: Path, recipe: Recipe | None) -> list[str]:
     """Write every base tensor, merged, into shards in `work`; return their file names. With `quantization`, weights
@@ -66,7 +74,10 @@ def _merge_chunk(entry: Entry, rows_of, start: int, stop: int, deltas: LoraDelta
     rows = rows_of(start, stop)
     raw = _reused("out", rows.numel() * entry.dtype.itemsize, torch.uint8)
     scratch = _reused("scratch", max(BLOCK_ELEMENTS, entry.row_elements), torch.float32)
-    deltas.merge_rows(entry.name, rows, start, raw.view(entry.dtype).view(rows.shape), scratch)
+    out = raw.view(entry.dtype).view(rows.shape)
+    deltas.merge_rows(entry.name, rows, start, out, scratch)
+    if entry.dtype == torch.float16 and torch.isinf(out).any():
+        raise Float16Overflow(entry.name)
     shards.write(entry, start * entry.row_elements * entry.dtype.itemsize, raw.numpy().data)
 
 

@@ -8,6 +8,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, Pretr
 from ..config.schema import ModelSection, QuantizationSection
 from ..errors import fail
 from ..safe_files import open_safetensors
+from .dtypes import torch_dtype
 from .quantization import bnb_config, keep_4bit_weights_unpacked
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -59,7 +60,7 @@ def build_random_base(model: ModelSection, seed: int, folder: Path, source: str)
     """Save a randomly initialised model of the recipe's config, to be loaded like any real base."""
     config = random_config(model, source)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model.dtype)).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model.dtype)).save_pretrained(folder)
     return str(folder)
 
 
@@ -70,9 +71,9 @@ def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
         base = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model.revision,
-            dtype=getattr(torch, model.dtype),
+            dtype=torch_dtype(model.dtype),
             attn_implementation=None if model.attn_implementation == "auto" else model.attn_implementation,
-            quantization_config=bnb_config(quantization, sharded),
+            quantization_config=bnb_config(quantization, model.dtype, sharded),
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle else True,
             device_map=None if sharded else _device_map(quantization),

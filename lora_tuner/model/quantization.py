@@ -1,27 +1,26 @@
 """bitsandbytes settings from a recipe, and the one CPU fix 4-bit needs."""
-import logging
-
 import torch
 from transformers import BitsAndBytesConfig
 
 from ..config.schema import QuantizationSection
+from .dtypes import torch_dtype
 
 
-def bnb_config(quantization: QuantizationSection, sharded: bool = False) -> BitsAndBytesConfig | None:
+def bnb_config(quantization: QuantizationSection, model_dtype: str, sharded: bool = False) -> BitsAndBytesConfig | None:
+    """model_dtype: what compute_dtype 'auto' follows."""
     if quantization.mode == "none":
         return None
     if quantization.mode == "8bit":
-        # bitsandbytes logs "MatMul8bitLt: inputs will be cast" on every CPU call; it is expected, not news.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch_dtype(model_dtype if quantization.compute_dtype == "auto" else quantization.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization.quant_type,
         bnb_4bit_use_double_quant=quantization.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        bnb_4bit_compute_dtype=compute,
         # FSDP shards parameters of one dtype; storing the packed 4-bit bytes as the compute dtype makes the
         # quantized layers shardable with the rest (QLoRA + FSDP)
-        bnb_4bit_quant_storage=getattr(torch, quantization.compute_dtype) if sharded else torch.uint8,
+        bnb_4bit_quant_storage=compute if sharded else torch.uint8,
     )
 
 

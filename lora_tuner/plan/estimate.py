@@ -8,12 +8,17 @@ from ..config.schema import Recipe
 from ..data.reading import BUILTIN_DEMO, is_local
 from ..errors import fail
 from ..model.anatomy import meta_model, quantized_linears
-from .gpus import GPUS, Gpu
+from .gpus import GIB, GPUS, Gpu
 from .known_configs import KNOWN, KNOWN_DATA
+
+def usable_memory(total_bytes: int) -> int:
+    """The memory budget both `plan` and `run` decide against: ~10% of a GPU goes to the CUDA context, kernels'
+    workspaces and fragmentation."""
+    return int(0.9 * total_bytes)
+
 
 PLANNING_MFU = 0.4  # fraction of peak a well-fed LoRA run reaches; measured runs are in benchmarks/results
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-GIB = 2**30
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= 0.9 * self.gpu.memory_gb * 1e9  # ~10% for CUDA context and fragmentation
+        return self.total_bytes <= usable_memory(self.gpu.memory_bytes)
 
     @property
     def flops_per_token(self) -> int:
@@ -55,14 +60,23 @@ class Plan:
         verdict = "fits" if self.fits else "does NOT fit"
         rows.append(f"{'batch':15s} {self.batch_size:>8d} rows, gradient checkpointing "
                     f"{'on' if self.checkpointing else 'off'}")
-        rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} on {self.gpu.name} "
-                    f"({self.gpu.memory_gb} GB)")
+        rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} in {self.gpu.name}'s "
+                    f"{usable_memory(self.gpu.memory_bytes) / GIB:.2f} GiB usable")
         if self.seconds is None:
             rows.append(f"time            unknown: {self.tokens_note}")
         else:
             rows.append(f"time            {self.seconds / 60:8.1f} min for {self.tokens / 1e6:.2f} M tokens "
                         f"({self.tokens_note}) at {PLANNING_MFU:.0%} of {self.gpu.tflops:g} TFLOP/s")
         return rows
+
+
+def for_gpu(recipe: Recipe, gpu: Gpu) -> Recipe:
+    """'auto' dtypes as `lora-tune run` resolves them on this GPU."""
+    native = "bfloat16" if gpu.bf16 else "float16"
+    dtype = native if recipe.model.dtype == "auto" else recipe.model.dtype
+    compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": dtype}),
+                                     "quantization": recipe.quantization.model_copy(update={"compute_dtype": compute})})
 
 
 def _count(n: int) -> str:
@@ -93,7 +107,8 @@ def anatomy(recipe: Recipe, source: str) -> Anatomy:
 def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None, world_size: int = 1) -> Plan:
     """Per-GPU memory and wall time; with several GPUs, the recipe's distributed strategy says what is sharded."""
     parts = anatomy(recipe, source)
-    recipe = fit_to_memory(recipe, parts, 0.9 * GPUS[gpu].memory_gb * 1e9)  # as `lora-tune run` decides
+    recipe = for_gpu(recipe, GPUS[gpu])
+    recipe = fit_to_memory(recipe, parts, usable_memory(GPUS[gpu].memory_bytes))  # as `lora-tune run` decides
     checkpointing = recipe.train.gradient_checkpointing
     counted_tokens, note = _tokens(recipe, source, tokens)
     memory = _memory(recipe, parts, checkpointing)
@@ -207,11 +222,9 @@ def _tokens(recipe: Recipe, source: str, tokens: int | None) -> tuple[int | None
         total = int(known["rows"] * known["tokens_per_row"] * train.epochs)
         return total, f"{train.epochs:g} epoch(s) of {known['rows']:,} rows x {known['tokens_per_row']} tokens"
     if data.path == BUILTIN_DEMO or is_local(data.path):
-        from ..data import prepare_data
-        from ..data.prepare import token_lengths
+        from ..data.prepare import prepare_data
         from ..model.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe.model, source)
-        rows = list(prepare_data(recipe, tokenizer, source).train)
-        return int(sum(token_lengths(tokenizer, rows)) * train.epochs), f"{train.epochs:g} epoch(s), counted"
+        counted = prepare_data(recipe, load_tokenizer(recipe.model, source), source).train_tokens
+        return int(counted * train.epochs), f"{train.epochs:g} epoch(s), counted"
     return None, "pass --tokens N for a hub data set lora-tune does not know"

@@ -1,7 +1,7 @@
-"""Crash safety for training: sealed checkpoints, resuming from the newest complete one, stopping on a signal."""
+"""Crash safety for training: resuming from the newest sealed checkpoint, sealing them, stopping on a signal, and a
+full disk as one line. The checkpoint layout and the seal belong to run_folder."""
 import errno
-import os
-import re
+import shutil
 import signal
 import threading
 from contextlib import contextmanager
@@ -12,37 +12,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 
 from ..errors import fail
-
-SEAL = "COMPLETE"  # written last, after every file of the checkpoint is on disk
-STEP = re.compile(r"^checkpoint-(\d+)$")
-
-
-def seal(folder: Path) -> None:
-    """fsync every file, then atomically add the marker: a checkpoint without it was cut off mid-write."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    marker = folder / (SEAL + ".tmp")
-    with marker.open("w") as handle:
-        handle.write("ok\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(marker, folder / SEAL)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def newest_complete(checkpoints: Path, log: Callable[[str], None]) -> Path | None:
-    found = sorted((int(m.group(1)), p) for p in checkpoints.glob("checkpoint-*") if (m := STEP.match(p.name)))
-    for _, folder in reversed(found):
-        if (folder / SEAL).is_file():
-            return folder
-        log(f"resume: skipping {folder.name}, it was not completely written")
-    return None
+from ..run_folder import RunFolder, seal
 
 
 class Interrupted(Exception):
@@ -51,23 +21,26 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
 
 
-def resume_point(partial: Path, recipe_text: str, source: str, log: Callable[[str], None]) -> Path:
+def resume_point(partial: RunFolder, recipe_text: str, source: str, log: Callable[[str], None]) -> Path:
     """The checkpoint to continue from; the unfinished run must have been started by the same recipe."""
-    saved = partial / "recipe.yaml"
-    if saved.is_file() and saved.read_text(encoding="utf-8") != recipe_text:
-        raise fail(source, "--resume", f"the unfinished run in {str(partial)!r} was started with another recipe "
+    saved = partial.recipe_text()
+    if saved is not None and saved != recipe_text:
+        raise fail(source, "--resume", f"the unfinished run in {str(partial.path)!r} was started with another recipe "
                    f"(see its recipe.yaml)", "resume with that recipe, or pass --force to start over")
-    checkpoint = newest_complete(partial / "checkpoints", log)
+    checkpoint = partial.newest_sealed_checkpoint(log)
     if checkpoint is None:
-        raise fail(source, "--resume", f"no complete checkpoint in {str(partial / 'checkpoints')!r}",
+        raise fail(source, "--resume", f"no complete checkpoint in {str(partial / RunFolder.CHECKPOINTS)!r}",
                    "pass --force to start over")
     log(f"resume: continuing from {checkpoint.name}")
     return checkpoint
 
 
 class SealCheckpoints(TrainerCallback):
+    def __init__(self, ranks: PartialState):
+        self.ranks = ranks
+
     def on_save(self, args, state, control, **kwargs):
-        PartialState().wait_for_everyone()  # every rank has written its part (e.g. its RNG state)
+        self.ranks.wait_for_everyone()  # every rank has written its part (e.g. its RNG state)
         if state.is_world_process_zero:
             seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
@@ -100,24 +73,31 @@ class StopOnSignal(TrainerCallback):
 
 
 @contextmanager
-def disk_full_is_a_user_error(work: Path, source: str):
+def disk_full_is_a_user_error(work: RunFolder, source: str):
     """ENOSPC surfaces from torch.save, safetensors or plain writes, often wrapped in another exception type;
     whichever it is, the user gets one line, and the sealed checkpoints stay as they were."""
     try:
         yield
     except Exception as exc:
-        if not _is_disk_full(exc):
+        if not _is_disk_full(exc, work.path):
             raise
-        newest = newest_complete(work / "checkpoints", lambda message: None)
+        newest = work.newest_sealed_checkpoint(lambda message: None)
         kept = f"{newest.name} is intact" if newest else "no checkpoint was completed"
         again = "run again with --resume" if newest else "run again"
-        raise fail(source, "output", f"no space left on the device of {str(work)!r} while saving; {kept}",
+        raise fail(source, "output", f"no space left on the device of {str(work.path)!r} while saving; {kept}",
                    f"free some space, then {again}") from None
 
 
-def _is_disk_full(exc: BaseException | None) -> bool:
+FULL_BELOW = 16 * 2**20  # bytes free: a failed write with this little room left was the disk filling up
+
+
+def _is_disk_full(exc: BaseException | None, folder: Path) -> bool:
+    """torch.save reports a full disk as "basic_ios::clear: iostream error" or an "enforce fail" with no errno, so
+    the disk itself is asked too."""
+    first = exc
     while exc is not None:
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
-    return False
+    return isinstance(first, (OSError, RuntimeError)) and folder.exists() and \
+        shutil.disk_usage(folder).free < FULL_BELOW

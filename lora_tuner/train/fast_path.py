@@ -1,11 +1,13 @@
-"""The fast path: recipe 'auto' switches resolved for this device, each choice explained in the run summary."""
+"""The fast path: recipe 'auto' switches resolved for this device, each choice explained in the run summary and
+run.json. The response loss is decided by the trainer itself, after checking it on the loaded model."""
 import importlib.util
 
 import torch
 
 from ..config.schema import Recipe
 from ..errors import fail
-from ..plan.estimate import anatomy, fit_to_memory
+from ..model.dtypes import native_dtype
+from ..plan.estimate import anatomy, fit_to_memory, usable_memory
 
 CPU_BATCH = 2  # packed rows: measured fastest on CPU (benchmarks/train_throughput.py), larger ones thrash caches
 
@@ -16,12 +18,19 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
     if recipe.distributed.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise fail(source, "distributed.strategy", f"{recipe.distributed.strategy!r} needs the deepspeed package",
                    "pip install deepspeed, or use ddp or fsdp")
-    notes = [f"packing {'on' if recipe.data.packing else 'off'} (data.packing)"]
+    notes = []
+    dtype, why = (recipe.model.dtype, "recipe") if recipe.model.dtype != "auto" else native_dtype()
+    compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
+    recipe = recipe.model_copy(update={
+        "model": recipe.model.model_copy(update={"dtype": dtype}),
+        "quantization": recipe.quantization.model_copy(update={"compute_dtype": compute})})
+    notes.append(f"{dtype} compute ({'auto: ' if why != 'recipe' else ''}{why}; LoRA weights and Adam state fp32)")
+    notes.append(f"packing {'on' if recipe.data.packing else 'off'} (data.packing)")
     automatic = [name for name in ("batch_size", "gradient_checkpointing") if getattr(train, name) == "auto"]
     if cuda and automatic:
         available = torch.cuda.get_device_properties(0).total_memory
-        recipe = fit_to_memory(recipe, anatomy(recipe, source), 0.9 * available)
-        why = f"auto: fits {available / 2**30:.0f} GiB per lora-tune plan"
+        recipe = fit_to_memory(recipe, anatomy(recipe, source), usable_memory(available))
+        why = f"auto: fits {usable_memory(available) / 2**30:.1f} GiB usable per lora-tune plan"
     else:  # on CPU, or nothing left to decide
         recipe = recipe.model_copy(update={"train": train.model_copy(update={
             "batch_size": CPU_BATCH if train.batch_size == "auto" else train.batch_size,

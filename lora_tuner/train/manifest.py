@@ -1,6 +1,5 @@
-"""run.json: what is needed to reproduce or audit a run."""
+"""run.json: built here, in one place, from everything the run knows at its end."""
 import hashlib
-import json
 import platform
 import subprocess
 import sys
@@ -10,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import dump_recipe
+from ..config import Recipe, dump_recipe
+from ..data.prepare import PreparedData
+from ..run_folder import BaseModelRecord, DataRecord, LossRecord, RunManifest, TrainRecord
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "lora-tune")
 
@@ -45,51 +46,34 @@ def device() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def write_manifest(path: Path, manifest: dict) -> None:
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def command_line() -> str:
-    return " ".join(sys.argv)
-
-
-def run_manifest(recipe, source, data, trainer, result, metrics, base_path, started) -> dict:
-    """Everything run.json records but the fast-path choices, resume point and world size (added by the caller)."""
+def run_manifest(recipe: Recipe, source: str, data: PreparedData, base_path: str, metrics: list[dict], *,
+                 steps: int, tokens: int, train_seconds: float, session_tokens: int, fast_path: list[str],
+                 resumed_from: str | None, world_size: int, started: str) -> RunManifest:
     losses = [row["loss"] for row in metrics if "loss" in row]
-    evals = [row["eval_loss"] for row in metrics if "eval_loss" in row]
-    runtime = result.metrics["train_runtime"]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    return {
-        "name": recipe.output.name,
-        "recipe": source,
-        "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
-        "command": command_line(),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "seed": recipe.train.seed,
-        "base_model": {
-            "name_or_path": base_path,
-            "revision": recipe.model.revision,
-            "init": recipe.model.init,
-            "quantization": recipe.quantization.model_dump(),
-        },
-        "data": {
-            "path": recipe.data.path,
-            "sha256": data.sha256,
-            "rows_read": data.rows_read,
-            "train_rows": len(data.train),
-            "eval_rows": len(data.eval) if data.eval is not None else 0,
-            "dropped_rows": sum(len(rows) for rows in data.dropped.values()),
-            "dropped": data.dropped,
-        },
-        "train": {
-            "steps": trainer.state.global_step,
-            "tokens": tokens,
-            "runtime_s": runtime,
-            "tokens_per_s": tokens / runtime if runtime else 0.0,
-        },
-        "loss": {"first": losses[0], "last": losses[-1], "eval": evals[-1] if evals else None},
-        "device": device(),
-        "started_at": started,
-        "finished_at": now(),
-    }
+    evals = [(row["step"], row["eval_loss"]) for row in metrics if "eval_loss" in row]
+    return RunManifest(
+        name=recipe.output.name,
+        recipe=source,
+        recipe_sha256=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
+        command=" ".join(sys.argv),
+        versions=versions(),
+        git_commit=git_commit(),
+        seed=recipe.train.seed,
+        base_model=BaseModelRecord(name_or_path=base_path, revision=recipe.model.revision, init=recipe.model.init,
+                                   quantization=recipe.quantization),
+        data=DataRecord(path=recipe.data.path, sha256=data.sha256, rows_read=data.rows_read,
+                        train_rows=len(data.train), eval_rows=len(data.eval),
+                        dropped_rows=sum(len(rows) for rows in data.dropped.values()), dropped=data.dropped),
+        train=TrainRecord(steps=steps, tokens=tokens, runtime_s=train_seconds,
+                          tokens_per_s=session_tokens / train_seconds if train_seconds else 0.0),
+        loss=LossRecord(first=losses[0] if losses else None, last=losses[-1] if losses else None,
+                        eval_start=evals[0][1] if evals and evals[0][0] == 0 else None,
+                        eval=evals[-1][1] if evals else None),
+        device=device(),
+        fast_path=fast_path,
+        resumed_from=resumed_from,
+        world_size=world_size,
+        global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * world_size,
+        started_at=started,
+        finished_at=now(),
+    )

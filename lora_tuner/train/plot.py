@@ -1,14 +1,13 @@
-"""loss.png: train and validation loss against step."""
+"""loss.png: train and validation loss against step (validation from step 0, before training)."""
 from pathlib import Path
 
 
 def plot_loss(rows: list[dict], png: Path, title: str) -> None:
-    import matplotlib
+    # A Figure of its own, not pyplot: pyplot would switch the process's backend and keep global figure state.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no screen needed
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     for key, label in (("loss", "train"), ("eval_loss", "validation")):
         points = [(row["step"], row[key]) for row in rows if key in row]
         if points:
@@ -18,4 +17,3 @@ def plot_loss(rows: list[dict], png: Path, title: str) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=100)
-    plt.close(figure)

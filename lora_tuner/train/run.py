@@ -1,6 +1,5 @@
-"""`lora-tune run`: recipe -> checked data -> base model + LoRA -> SFTTrainer -> a complete run folder."""
+"""`lora-tune run`: recipe -> checked data -> base model + LoRA -> trainer -> a complete run folder."""
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -8,51 +7,49 @@ from typing import Callable
 import torch
 from accelerate import PartialState
 from peft import PeftModel
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
-from trl import SFTTrainer
 
 from ..atomic_folder import AtomicFolder
 from ..config import Recipe, dump_recipe
-from ..data import PreparedData, prepare_data
+from ..data.prepare import PreparedData, prepare_data
+from ..data.tokenize import training_chat_template
 from ..errors import UserError, fail
 from ..model.loading import build_random_base, check_base_source, load_base
 from ..model.lora import attach_lora
 from ..model.packing_check import packing_is_isolated
 from ..model.tokenizer import load_tokenizer
-from .callbacks import EvaluateAtEnd, MetricsFile, forget_metrics_after, read_metrics
-from .checkpoints import Interrupted, SealCheckpoints, StopOnSignal, disk_full_is_a_user_error, resume_point
+from ..run_folder import RunFolder, RunManifest
+from .checkpoints import Interrupted, StopOnSignal, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
-from .manifest import now, run_manifest, write_manifest
+from .manifest import now, run_manifest
+from .methods import make_trainer
 from .plot import plot_loss
-from .sft import sft_config
-
-BASE_FOLDER = "base-model"  # where a model.init: random base is saved, inside the run folder
 
 
 @dataclass
 class RunResult:
     folder: Path
-    manifest: dict
+    manifest: RunManifest | None  # None on ranks other than 0 of a multi-process run: rank 0 speaks for the run
     model: PeftModel  # the trained model, still in memory, for use right away from Python
-    # manifest is {} on ranks other than 0 of a multi-process run: rank 0 speaks for the run
 
     def summary(self) -> str:
         m, f = self.manifest, self.folder
-        loss = m["loss"]
-        eval_part = f"   eval {loss['eval']:.4f}" if loss["eval"] is not None else ""
+        evals = [f"eval {m.loss.eval:.4f}" if m.loss.eval is not None else "",
+                 f"(before training {m.loss.eval_start:.4f})" if m.loss.eval_start is not None else ""]
         return "\n".join([
-            f"run       {f}   ({m['train']['runtime_s']:.0f} s on {m['device']})",
-            f"steps     {m['train']['steps']}   tokens {m['train']['tokens']:,}   "
-            f"tokens/s {m['train']['tokens_per_s']:,.0f}   global batch {m['global_batch']} on "
-            f"{m['world_size']} process(es)",
-            f"loss      first {loss['first']:.4f} -> last {loss['last']:.4f}{eval_part}",
-            f"data      {m['data']['train_rows']:,} train / {m['data']['eval_rows']:,} validation rows, "
-            f"{m['data']['dropped_rows']} dropped",
-            f"fast path {'; '.join(m['fast_path'])}",
-            f"adapter   {f / 'adapter_model.safetensors'}",
-            f"plot      {f / 'loss.png'}   metrics {f / 'metrics.jsonl'}   tensorboard {f / 'tensorboard'}",
+            f"run       {f}   ({m.train.runtime_s:.0f} s of training on {m.device})",
+            f"steps     {m.train.steps}   tokens {m.train.tokens:,}   tokens/s {m.train.tokens_per_s:,.0f}   "
+            f"global batch {m.global_batch} on {m.world_size} process(es)",
+            f"loss      first {_number(m.loss.first)} -> last {_number(m.loss.last)}   " + " ".join(evals).strip(),
+            f"data      {m.data.train_rows:,} train / {m.data.eval_rows:,} validation rows, "
+            f"{m.data.dropped_rows} dropped",
+            f"fast path {'; '.join(m.fast_path)}",
+            f"adapter   {f / RunFolder.ADAPTER_WEIGHTS}",
+            f"plot      {f / RunFolder.PLOT}   metrics {f / RunFolder.METRICS}   tensorboard {f / RunFolder.TENSORBOARD}",
         ])
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
@@ -63,25 +60,27 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     ranks = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun ranks talk over gloo
     log = log if ranks.is_main_process else _quiet
     folder = AtomicFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source,
-                          field="output", what="run", resumable=True)
+                          field="output", what="run",
+                          resumable=lambda partial: RunFolder(partial).newest_sealed_checkpoint(_quiet) is not None)
     folder.check_free(force, resume)  # read-only checks run on every rank, so all ranks stop on bad input
     check_base_source(recipe.model, source)
     recipe, fast_path = resolve_fast_path(recipe, source)
-    checkpoint = resume_point(folder.partial, dump_recipe(recipe), source, log) if resume else None
+    work = RunFolder(folder.partial)
+    checkpoint = resume_point(work, dump_recipe(recipe), source, log) if resume else None
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe, tokenizer, source)
     if data.dropped:
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
     with ranks.main_process_first():
-        if ranks.is_main_process:
-            folder.start(resume)
-            (folder.partial / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        if ranks.is_main_process and not resume:
+            folder.start()
+            work.write_recipe(recipe)
+            work.write_validation(data.eval or data.train, held_out=bool(data.eval))
     try:
-        model, manifest = _train(recipe, source, tokenizer, data, folder.partial, folder.final, fast_path, checkpoint)
-    except UserError:
-        checkpoints = folder.partial / "checkpoints"
-        if not resume and ranks.is_main_process and not any(checkpoints.glob("checkpoint-*")):
-            shutil.rmtree(folder.partial)  # refused before training: leave nothing behind
+        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks, log)
+    except (UserError, KeyboardInterrupt):
+        if not resume and ranks.is_main_process and not work.has_checkpoints():
+            folder.discard()  # refused or stopped before the first checkpoint: leave nothing behind
         raise
     if ranks.is_main_process:
         folder.finish()
@@ -93,30 +92,17 @@ def _quiet(message: str) -> None:
     """Ranks other than 0 say nothing; rank 0 speaks for the run."""
 
 
-def make_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData, work: Path) -> SFTTrainer:
-    """The SFTTrainer a run uses; TRL tokenizes, masks and packs the prompt/completion examples."""
-    return SFTTrainer(
-        model=model,
-        args=sft_config(recipe, work / "checkpoints", has_eval=data.eval is not None),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=[MetricsFile(work / "metrics.jsonl"), EvaluateAtEnd(), SealCheckpoints()] + (
-            [TensorBoardCallback(SummaryWriter(str(work / "tensorboard")))] if PartialState().is_main_process else []),
-    )
-
-
-def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Path, final: Path,
-           fast_path: list[str], checkpoint: Path | None):
-    started, ranks = now(), PartialState()
+def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: RunFolder, final: Path,
+           fast_path: list[str], checkpoint: Path | None, ranks: PartialState, log: Callable[[str], None]):
+    started = now()
     sharded = ranks.num_processes > 1 and recipe.distributed.strategy in ("fsdp", "deepspeed-zero3")
     if recipe.model.init == "random":
-        built = work / BASE_FOLDER  # already there when resuming; rebuilt identically otherwise
+        built = work / RunFolder.BASE_MODEL  # already there when resuming; rebuilt identically otherwise
         with ranks.main_process_first():
             if ranks.is_main_process and not (built / "config.json").is_file():
                 build_random_base(recipe.model, recipe.train.seed, built, source)
         base = load_base(recipe.model, recipe.quantization, str(built), source, sharded)
-        base_path = str(final / BASE_FOLDER)  # where it lives once the run folder is in place
+        base_path = str(final / RunFolder.BASE_MODEL)  # where it lives once the run folder is in place
     else:
         base_path = recipe.model.name_or_path
         base = load_base(recipe.model, recipe.quantization, base_path, source, sharded)
@@ -125,40 +111,42 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Pat
                    f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
                    "set data.packing: false, or try another model.attn_implementation")
     model = attach_lora(base, recipe)
-    trainer = make_trainer(recipe, model, tokenizer, data, work)
+    trainer, progress = make_trainer(recipe, model, tokenizer, data, work, ranks, fresh=checkpoint is None)
     if checkpoint and ranks.is_main_process:
-        forget_metrics_after(work / "metrics.jsonl", int(checkpoint.name.removeprefix("checkpoint-")))
+        work.forget_metrics_after(int(checkpoint.name.removeprefix("checkpoint-")))
     with StopOnSignal() as stop, disk_full_is_a_user_error(work, source):
         trainer.add_callback(stop)
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.received is not None:
         raise Interrupted(stop.received, trainer.state.global_step)
     # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if not ranks.is_main_process:
-        return model, {}  # rank 0 writes the run folder and its manifest
-    manifest = run_manifest(recipe, source, data, trainer, result, read_metrics(work / "metrics.jsonl"), base_path,
-                            started)
-    manifest.update(fast_path=fast_path, resumed_from=checkpoint.name if checkpoint else None,
-                    world_size=ranks.num_processes,
-                    global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * ranks.num_processes)
+        return model, None  # rank 0 writes the run folder and its manifest
+    manifest = run_manifest(
+        recipe, source, data, base_path, work.metrics(), steps=trainer.state.global_step,
+        tokens=int(trainer.state.num_input_tokens_seen), train_seconds=progress.train_seconds,
+        session_tokens=progress.session_tokens, fast_path=fast_path + trainer.fast_path_notes(),
+        resumed_from=checkpoint.name if checkpoint else None, world_size=ranks.num_processes, started=started)
     with disk_full_is_a_user_error(work, source):
         _save(model, tokenizer, recipe, work, base_path, manifest)
     return model, manifest
 
 
-def _save(model, tokenizer, recipe: Recipe, work: Path, base_path: str, manifest: dict) -> None:
+def _save(model: PeftModel, tokenizer, recipe: Recipe, work: RunFolder, base_path: str,
+          manifest: RunManifest) -> None:
     # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder.
-    model.save_pretrained(work)
+    model.save_pretrained(work.path)
     _point_adapter_at(work, base_path)
-    tokenizer.save_pretrained(work)
-    plot_loss(read_metrics(work / "metrics.jsonl"), work / "loss.png", title=recipe.output.name)
-    write_manifest(work / "run.json", manifest)
+    tokenizer.chat_template = training_chat_template(recipe.data, tokenizer)
+    tokenizer.save_pretrained(work.path)
+    plot_loss(work.metrics(), work / RunFolder.PLOT, title=recipe.output.name)
+    work.write_manifest(manifest)
 
 
-def _point_adapter_at(folder: Path, base_path: str) -> None:
+def _point_adapter_at(folder: RunFolder, base_path: str) -> None:
     """adapter_config.json names the base as the user will find it (not the temporary path it was loaded from)."""
-    config_path = folder / "adapter_config.json"
+    config_path = folder / RunFolder.ADAPTER_CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = base_path
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

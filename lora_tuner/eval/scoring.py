@@ -1,0 +1,93 @@
+"""Scoring models on prompt/completion rows the way training scores them: response tokens only, each row tokenized
+as training tokenized it. Used by `lora-tune eval` and by merge/export verification."""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.tokenize import IGNORE, TokenizedExample, tokenize_examples
+
+BATCH_ROWS = 8
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    scored: torch.Tensor  # bool [rows, length]: positions whose next token is a response token
+    targets: torch.Tensor  # those next tokens, in row-major order
+
+
+def tokenized_rows(tokenizer, examples: list[dict], max_length: int) -> list[TokenizedExample]:
+    """Rows as training tokenized them; rows longer than max_length are cut at its end (a few response tokens lost
+    rather than the row)."""
+    rows = [row for row in tokenize_examples(tokenizer, examples) if not isinstance(row, str)]
+    return [TokenizedExample(r.prompt_ids[:max_length], r.completion_ids[:max(0, max_length - len(r.prompt_ids))])
+            for r in rows if len(r.prompt_ids) < max_length]
+
+
+def batches(rows: list[TokenizedExample], pad_id: int) -> list[Batch]:
+    found = []
+    for start in range(0, len(rows), BATCH_ROWS):
+        chunk = [r.training_row(train_on_inputs=False) for r in rows[start:start + BATCH_ROWS]]
+        length = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for i, r in enumerate(chunk):  # right padding: positions stay 0..n-1 as in training
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        scored = torch.zeros_like(mask, dtype=torch.bool)
+        scored[:, :-1] = labels[:, 1:] != IGNORE
+        found.append(Batch(ids, mask, scored, labels[:, 1:][labels[:, 1:] != IGNORE]))
+    return found
+
+
+@torch.no_grad()
+def response_logits(model, batch: Batch) -> torch.Tensor:
+    """[scored tokens, vocab] fp32 logits; the LM head runs on those positions only (logits_to_keep)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                logits_to_keep=batch.scored.to(device), use_cache=False)
+    return out.logits.reshape(-1, out.logits.shape[-1]).float().cpu()
+
+
+def loss(model, rows: list[Batch], desc: str | None = None) -> float:
+    """Mean response-token cross-entropy over all rows (token-weighted, as training's loss)."""
+    total = count = 0
+    for batch in tqdm(rows, desc=desc, unit="batch", leave=False, disable=desc is None):
+        logits = response_logits(model, batch)
+        total += F.cross_entropy(logits, batch.targets, reduction="sum").item()
+        count += len(batch.targets)
+    return total / max(count, 1)
+
+
+@dataclass
+class Agreement:
+    tokens: int
+    top1_agreement: float  # share of response positions where both models' most likely token is the same
+    mean_kl: float  # KL(reference || model) per response token, nats
+    max_abs_logit_diff: float
+    loss: float
+    reference_loss: float
+
+
+def agreement(model, reference, rows: list[Batch], desc: str | None = None) -> Agreement:
+    tokens = same = 0
+    kl = model_loss = reference_loss = max_diff = 0.0
+    for batch in tqdm(rows, desc=desc, unit="batch", leave=False, disable=desc is None):
+        got, want = response_logits(model, batch), response_logits(reference, batch)
+        tokens += len(batch.targets)
+        same += (got.argmax(-1) == want.argmax(-1)).sum().item()
+        kl += F.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="sum").item()
+        model_loss += F.cross_entropy(got, batch.targets, reduction="sum").item()
+        reference_loss += F.cross_entropy(want, batch.targets, reduction="sum").item()
+        max_diff = max(max_diff, (got - want).abs().max().item() if len(got) else 0.0)
+    n = max(tokens, 1)
+    return Agreement(tokens, same / n, max(kl / n, 0.0), max_diff, model_loss / n, reference_loss / n)
+
+
+def perplexity(loss_value: float) -> float:
+    return math.exp(min(loss_value, 50.0))

@@ -1,0 +1,41 @@
+"""A GGUF model file (llama.cpp, GPT4All, Ollama) as an ordinary Hugging Face folder that lora-tune trains on.
+transformers reads GGUF itself and dequantizes it; its model then refuses save_pretrained ("quantized with gguf"),
+so the weights are moved into a plain model of the same config and saved from there."""
+from pathlib import Path
+
+import torch
+
+from ..atomic_folder import AtomicFolder
+from ..errors import fail
+
+
+def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = Path(file)
+    source = str(file)
+    if not file.is_file() or _magic(file) != b"GGUF":
+        raise fail(source, "FILE", "not a GGUF file", "point at a .gguf model file")
+    folder = AtomicFolder(Path(out), source, field="--out", what="model")
+    folder.check_free(force)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except (ValueError, KeyError, ImportError) as exc:
+        raise fail(source, "FILE", f"transformers cannot read this GGUF ({str(exc).splitlines()[0][:120]})",
+                   "use a GGUF of an architecture transformers supports (LLaMA, Mistral, Qwen2, GPT-2, ...); "
+                   "pip install gguf if it is missing") from None
+    config = loaded.config
+    del config.quantization_config  # the saved folder holds plain dense weights
+    with torch.device("meta"):  # no second copy of the weights, and no time spent initialising them
+        plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    work = folder.start()
+    plain.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    return folder.finish()
+
+
+def _magic(file: Path) -> bytes:
+    with file.open("rb") as handle:
+        return handle.read(4)

@@ -1,0 +1,211 @@
+"""The run folder: the one module that knows its layout and file formats. Training writes it; merge, eval, export and
+AdapterPool read it; nothing else names its files.
+
+    adapter_config.json, adapter_model.safetensors   the adapter (standard PEFT layout)
+    tokenizer files                                   with a chat template that renders the training prompt
+    recipe.yaml        the resolved recipe            run.json       the manifest (RunManifest)
+    metrics.jsonl      one row per log step           loss.png       train and validation loss
+    validation.jsonl   the rows eval and merge verification score (held out, unless the run had no split)
+    checkpoints/       sealed Trainer checkpoints     tensorboard/   event files
+    base-model/        the random base, for model.init: random
+    eval.json, eval.md written by `lora-tune eval`
+"""
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .config import Recipe, dump_recipe, load_recipe
+from .config.schema import QuantizationSection
+from .errors import fail
+
+SEAL = "COMPLETE"  # written last into a checkpoint, after every file of it is on disk
+CHECK_ROWS_WITHOUT_SPLIT = 32  # rows kept for eval and merge checks when the recipe holds none out
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelRecord(Record):
+    name_or_path: str  # where the base is (for model.init: random, the run folder's base-model/)
+    revision: str
+    init: str
+    quantization: QuantizationSection
+
+
+class DataRecord(Record):
+    path: str
+    sha256: str
+    rows_read: int
+    train_rows: int
+    eval_rows: int  # held out for validation
+    dropped_rows: int
+    dropped: dict[str, list[int]]  # reason -> row numbers
+
+
+class TrainRecord(Record):
+    steps: int
+    tokens: int  # real (non-padding) tokens trained on
+    runtime_s: float  # training only: evaluations are not counted
+    tokens_per_s: float
+
+
+class LossRecord(Record):
+    first: float | None
+    last: float | None
+    eval_start: float | None  # validation loss before the first step
+    eval: float | None  # validation loss of the saved adapter
+
+
+class RunManifest(Record):
+    """run.json: what is needed to reproduce or audit a run."""
+    name: str
+    recipe: str
+    recipe_sha256: str
+    command: str
+    versions: dict[str, str | None]
+    git_commit: str | None
+    seed: int
+    base_model: BaseModelRecord
+    data: DataRecord
+    train: TrainRecord
+    loss: LossRecord
+    device: str
+    fast_path: list[str]
+    resumed_from: str | None
+    world_size: int
+    global_batch: int
+    started_at: str
+    finished_at: str
+
+
+class RunFolder:
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+    RECIPE, MANIFEST, METRICS, VALIDATION = "recipe.yaml", "run.json", "metrics.jsonl", "validation.jsonl"
+    PLOT, TENSORBOARD, CHECKPOINTS, BASE_MODEL = "loss.png", "tensorboard", "checkpoints", "base-model"
+    EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def is_run(self) -> bool:
+        """A lora-tune run folder, not a bare PEFT adapter folder."""
+        return (self.path / self.MANIFEST).is_file() and (self.path / self.RECIPE).is_file()
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.path / self.ADAPTER_CONFIG).is_file() and (self.path / self.ADAPTER_WEIGHTS).is_file()
+
+    # recipe and manifest
+    def recipe(self) -> Recipe:
+        return load_recipe(self.path / self.RECIPE)
+
+    def recipe_text(self) -> str | None:
+        path = self.path / self.RECIPE
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        (self.path / self.RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
+
+    def manifest(self) -> RunManifest:
+        path = self.path / self.MANIFEST
+        try:
+            return RunManifest.model_validate_json(path.read_text(encoding="utf-8"))
+        except (ValidationError, ValueError) as exc:
+            raise fail(str(self.path), self.MANIFEST, f"not a run manifest of this lora-tune version "
+                       f"({str(exc).splitlines()[0][:80]})", "re-run the training, or point at a PEFT adapter "
+                       "folder and pass the base explicitly") from None
+
+    def write_manifest(self, manifest: RunManifest) -> None:
+        (self.path / self.MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    def base_model(self) -> str | None:
+        """The base the adapter belongs to: the run's record, else the adapter config's."""
+        if self.is_run:
+            return self.manifest().base_model.name_or_path
+        config = self.path / self.ADAPTER_CONFIG
+        return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
+
+    # metrics
+    def metrics(self) -> list[dict]:
+        path = self.path / self.METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def append_metrics(self, row: dict) -> None:
+        """Appended and closed at once, so a crash loses nothing already logged."""
+        with (self.path / self.METRICS).open("a", encoding="utf-8") as out:
+            out.write(json.dumps(row) + "\n")
+
+    def forget_metrics_after(self, step: int) -> None:
+        """On resume, rows logged after the checkpoint are logged again by the resumed run: drop the old ones."""
+        kept = [row for row in self.metrics() if row["step"] <= step]
+        (self.path / self.METRICS).write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+    # the rows eval and merge verification score
+    def write_validation(self, rows: list, held_out: bool) -> None:
+        """rows: prepared rows (number, example); without a validation split, the first training rows."""
+        kept = rows if held_out else rows[:CHECK_ROWS_WITHOUT_SPLIT]
+        lines = [json.dumps({"row": row.number, "held_out": held_out, **row.example}, ensure_ascii=False) for row in kept]
+        (self.path / self.VALIDATION).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    def validation(self) -> tuple[list[dict], bool]:
+        """(prompt/completion examples, whether they were held out of training)."""
+        path = self.path / self.VALIDATION
+        if not path.is_file():
+            return [], False
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], all(r["held_out"] for r in rows)
+
+    # checkpoints
+    def newest_sealed_checkpoint(self, log: Callable[[str], None]) -> Path | None:
+        found = []
+        for folder in (self.path / self.CHECKPOINTS).glob("checkpoint-*"):
+            step = folder.name.removeprefix("checkpoint-")
+            if step.isdigit():
+                found.append((int(step), folder))
+        for _, folder in sorted(found, reverse=True):
+            if (folder / SEAL).is_file():
+                return folder
+            log(f"resume: skipping {folder.name}, it was not completely written")
+        return None
+
+    def has_checkpoints(self) -> bool:
+        return any((self.path / self.CHECKPOINTS).glob("checkpoint-*"))
+
+    def write_json(self, name: str, value: dict) -> None:
+        """A report file, written under a temporary name and renamed: a reader never sees half of it."""
+        write_atomically(self.path / name, json.dumps(value, indent=2) + "\n")
+
+
+def seal(checkpoint: Path) -> None:
+    """fsync every file, then atomically add the marker: a checkpoint without it was cut off mid-write."""
+    for path in checkpoint.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    marker = checkpoint / (SEAL + ".tmp")
+    with marker.open("w") as handle:
+        handle.write("ok\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(marker, checkpoint / SEAL)
+    directory = os.open(checkpoint, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
