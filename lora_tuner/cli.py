@@ -11,7 +11,6 @@ import click
 from .errors import UserError
 from .plan import GPUS
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SET_HELP = "Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable)."
 
 
@@ -111,10 +110,14 @@ def validate(recipe, overrides, explain):
 
 @main.command()
 def recipes():
-    """List the bundled recipes with their first comment line."""
-    for path in sorted(RECIPES.glob("*.yaml")):
+    """List the bundled recipes: each name works wherever a recipe file does (lora-tune run demo-tiny-cpu)."""
+    from .config.bundled import bundled
+
+    found = bundled()
+    width = max(len(name) for name in found)
+    for name, path in found.items():
         first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
-        click.echo(f"{path.relative_to(RECIPES.parent)}  {first}")
+        click.echo(f"{name:{width}s}  {first}")
 
 
 @main.command()

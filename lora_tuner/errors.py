@@ -1,4 +1,5 @@
 """User-facing errors: one line per problem, naming file, field, value and the fix."""
+import reprlib
 from dataclasses import dataclass
 
 
@@ -25,7 +26,13 @@ def fail(source: str, field: str, message: str, fix: str) -> UserError:
     return UserError([Problem(source, field, message, fix)])
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 2, 4, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 50
+
+
 def show(value, limit: int = 60) -> str:
-    """repr() of a value, shortened so an error stays on one readable line."""
-    text = repr(value)
+    """repr() of a value, shortened so an error stays on one readable line: a huge or deeply nested value is never
+    rendered whole (reprlib stops at a few items and levels)."""
+    text = _SHORT.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,6 +13,8 @@ from lora_tuner.cli import main
 from lora_tuner.data.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 
+pytestmark = pytest.mark.slow  # trains or merges models: the full tier
+
 IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130]])
 PROMPT = "Reverse the word: apple"
 

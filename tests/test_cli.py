@@ -22,7 +22,7 @@ def test_every_bundled_recipe_validates(recipe):
 def test_recipes_lists_the_bundled_ones():
     result = CliRunner().invoke(main, ["recipes"])
     assert result.exit_code == 0
-    assert [line.split()[0] for line in result.output.splitlines()] == [f"recipes/{p.name}" for p in RECIPES]
+    assert [line.split()[0] for line in result.output.splitlines()] == [p.stem for p in RECIPES]
 
 
 def test_explain_documents_every_field():

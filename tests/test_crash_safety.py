@@ -1,5 +1,4 @@
 """Crash safety: a killed run resumes to the same adapter, half-written checkpoints are skipped, signals save."""
-import random
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from safetensors.torch import load_file
 from conftest import recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
+
+pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 DEMO = str(Path(__file__).resolve().parents[1] / "recipes/demo-tiny-cpu.yaml")
 SHORT = ["--set", "train.max_steps=50", "--set", "train.save_steps=10", "--set", "train.save_total_limit=10"]
@@ -55,9 +56,7 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, uninterrupted):
-    kill_points = sorted(random.sample([10, 20, 30, 40], 2))
-    print("SIGKILL after checkpoints", kill_points)
-    for step in kill_points:
+    for step in (10, 30):  # an early and a late checkpoint, fixed so a failure reproduces
         out = tmp_path / f"killed-at-{step}"
         process = start_run(out)
         wait_for_checkpoint(process, out, step)
@@ -107,7 +106,8 @@ def test_same_seed_gives_the_same_adapter_bytes(tmp_path, tiny_base, alpaca_file
     first = run(recipe, output=str(tmp_path / "one")).folder / "adapter_model.safetensors"
     second = run(recipe, output=str(tmp_path / "two")).folder / "adapter_model.safetensors"
     assert first.read_bytes() == second.read_bytes()
-    assert not torch.equal(load_file(str(first))[next(iter(load_file(str(first))))], torch.zeros(1))
+    trained_b = [t for name, t in load_file(str(first)).items() if "lora_B" in name]  # B starts at zero
+    assert trained_b and all(not torch.equal(t, torch.zeros_like(t)) for t in trained_b)
 
 
 def test_full_disk_gives_one_line_and_keeps_the_last_checkpoint(small_disk):

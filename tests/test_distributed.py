@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from peft import PeftModel
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from lora_tuner.cli import main
 from lora_tuner.run_folder import RunFolder
+
+pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 DEMO = str(Path(__file__).resolve().parents[1] / "recipes/demo-tiny-cpu.yaml")
 SHORT = ["--set", "train.max_steps=20", "--set", "train.logging_steps=2", "--set", "train.save_steps=10"]

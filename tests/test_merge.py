@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import CONFIGS, recipe_dict, write_recipe
@@ -19,6 +19,8 @@ from lora_tuner.cli import main
 from lora_tuner.export.streaming import CHUNK_BYTES
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.tokenizer import byte_tokenizer
+
+pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130, 140, 150]])
 
@@ -88,6 +90,8 @@ def test_qlora_adapter_merges_into_the_weights_it_saw(tmp_path, tiny_base, alpac
     # Dequantized weights + delta is the same arithmetic as the 4-bit kernel up to fp32 summation order (~1e-6);
     # 1e-4 leaves room for that and nothing more.
     assert dequantized.into == "dequantized" and diff_deq < 1e-4
+    # the export carries the run's training prompt
+    assert (tmp_path / "deq/chat_template.jinja").read_text() == (trained.folder / "chat_template.jinja").read_text()
     # Merging into the original weights drops the quantization error the adapter was trained on.
     print(f"4-bit adapter: merged into dequantized {diff_deq:.2e}, into original {diff_orig:.2e}")
     assert diff_orig > 100 * diff_deq and diff_orig > 1e-2
@@ -221,14 +225,55 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_dora_is_refused_and_existing_output_kept(tmp_path):
+def test_dora_is_refused(tmp_path):
     base = sharded_base(tmp_path / "base", "llama")
     random_adapter(base, tmp_path / "dora", use_dora=True)
     result = CliRunner().invoke(main, ["merge", str(tmp_path / "dora"), "--out", str(tmp_path / "out"),
                                        "--base", str(tmp_path / "base")])
-    assert result.exit_code == 2 and "DoRA" in result.output
+    assert result.exit_code == 2 and "DoRA" in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_existing_out_folder_is_kept(tmp_path):
+    """A mergeable adapter, so the refusal can only come from --out."""
+    base = sharded_base(tmp_path / "base", "llama")
+    random_adapter(base, tmp_path / "adapter")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken/keep.txt").write_text("mine")
-    result = CliRunner().invoke(main, ["merge", str(tmp_path / "dora"), "--out", str(tmp_path / "taken"),
-                                       "--base", str(tmp_path / "base")])
-    assert result.exit_code == 2 and (tmp_path / "taken/keep.txt").read_text() == "mine"
+    args = ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "taken"), "--base", str(tmp_path / "base")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--out" in result.output and "already holds" in result.output
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    assert CliRunner().invoke(main, args + ["--force"]).exit_code == 0  # and the same merge does work
+
+
+@pytest.mark.parametrize("stored,out", [("bfloat16", "bf16"), ("float32", "bf16"), ("bfloat16", "fp32"),
+                                        ("float32", "fp16")])
+def test_every_dtype_pair_merges_as_fp32_arithmetic_rounded_once(tmp_path, stored, out):
+    """W + scale * B @ A computed in fp32 and rounded once into the output dtype, whatever the base's dtype; a
+    non-float tensor in the base is copied as it is."""
+    base = sharded_base(tmp_path / "base", "llama").to(getattr(torch, stored))
+    base.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    shard = sorted((tmp_path / "base").glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["model.step_counter"] = torch.arange(7, dtype=torch.int64)  # a non-float tensor rides along
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((tmp_path / "base/model.safetensors.index.json").read_text())
+    index["weight_map"]["model.step_counter"] = shard.name
+    (tmp_path / "base/model.safetensors.index.json").write_text(json.dumps(index))
+    adapter = random_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+                             tmp_path / "adapter")
+    merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), dtype=out, verify=False)
+    merged = load_file_tensors(tmp_path / "out")
+    assert torch.equal(merged["model.step_counter"], torch.arange(7))
+    original = load_file_tensors(tmp_path / "base")
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out]
+    deltas = {name.removeprefix("base_model.model.").replace(".base_layer", ""): module.get_delta_weight("default")
+              for name, module in adapter.named_modules() if hasattr(module, "get_delta_weight")}
+    assert deltas
+    for name, weight in original.items():
+        if not weight.is_floating_point():
+            continue
+        delta = deltas.get(name.removesuffix(".weight"))
+        expected = (weight.float() + (delta.float() if delta is not None else 0)).to(target)
+        assert merged[name].dtype == target
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=0, msg=name)

@@ -43,6 +43,15 @@ def test_packed_losses_equal_one_by_one(tmp_path, tiny_base, alpaca_file, kind):
             counts.append(len(alone))
     # the trainer's loss on the packed batch is the token mean over the examples: nothing crosses a boundary
     assert torch.isclose(packed.loss, torch.stack(per_example).sum() / sum(counts), atol=1e-5)
+    # negative control: the same row without restarting position ids lets examples see each other, and the
+    # comparison above notices (so its passing means something)
+    start, end = starts[1], starts[2]
+    labels = batch["labels"][0, start:end].clone()
+    labels[0] = -100
+    with torch.no_grad():
+        leaking = model(input_ids=batch["input_ids"][:, :end]).logits[0, start:end]  # positions run on from 0
+        alone = token_losses(model(input_ids=batch["input_ids"][0, start:end][None]).logits[0], labels)
+    assert not torch.allclose(alone, token_losses(leaking, labels), atol=1e-2)
 
 
 def test_packing_check_sees_isolation(tiny_base):
@@ -52,3 +61,20 @@ def test_packing_check_sees_isolation(tiny_base):
         for attention in ("eager", "auto"):
             section = ModelSection(name_or_path=tiny_base(kind), dtype="float32", attn_implementation=attention)
             assert packing_leak(load_base(section, QuantizationSection(), section.name_or_path), 259) < 1e-4
+
+
+def test_packed_attention_computes_each_example_alone(tiny_base):
+    """auto picks the per-example packed SDPA, whose packed logits are those of each example run alone, exactly."""
+    from lora_tuner.config.schema import ModelSection, QuantizationSection
+
+    section = ModelSection(name_or_path=tiny_base("llama"), dtype="float32")
+    model = load_base(section, QuantizationSection(), section.name_or_path)
+    assert model.config._attn_implementation == "packed_sdpa"
+    lengths = [5, 17, 9, 30]
+    ids = torch.randint(3, 259, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([model(input_ids=ids[:, s:s + n]).logits for s, n in zip(starts, lengths)], dim=1)
+    assert torch.allclose(packed, alone, atol=1e-5), (packed - alone).abs().max()

@@ -6,12 +6,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import PeftModel
+from transformers import AutoTokenizer
 
 from conftest import recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
+from lora_tuner.data.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 from lora_tuner.run_folder import RunFolder
+
+pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "recipe.yaml", "run.json", "metrics.jsonl", "loss.png")
@@ -39,6 +43,13 @@ def test_demo_recipe_trains_offline_and_writes_the_run_folder(tmp_path):
     assert any("eval_loss" in row for row in RunFolder(out).metrics())
     assert "steps     300" in result.output  # the one-screen summary
     assert not list(tmp_path.glob(".*partial"))  # the temporary folder was renamed into place
+    # the folder's tokenizer prompts by chat template exactly as training did
+    saved = AutoTokenizer.from_pretrained(out)
+    user = {"role": "user", "content": "Reverse the word.", "input": "apple"}
+    assert saved.apply_chat_template([user], add_generation_prompt=True, tokenize=False) == \
+        saved.bos_token + render(ALPACA, "Reverse the word.", "apple")
+    examples, held_out = RunFolder(out).validation()
+    assert held_out and len(examples) == manifest["data"]["eval_rows"] == 100
 
 
 @pytest.mark.parametrize("kind", ["llama", "gptj"])

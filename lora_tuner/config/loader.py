@@ -7,15 +7,33 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import Problem, UserError, fail, show
+from .bundled import recipe_file
 from .schema import Recipe
 
 EXPLAIN_HINT = "run 'lora-tune validate --explain' to list every field"
+MAX_VALUES = 10_000  # values a recipe may expand to through YAML aliases; real recipes hold a few hundred
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses what would otherwise pass silently or blow up: a key given twice in one mapping
+    (the second would silently replace the first) and aliases expanding to more values than any recipe holds."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Parse, override and validate a recipe; raise UserError listing every problem at once."""
+    """Parse, override and validate a recipe (a file, or the name of a bundled one); raise UserError listing every
+    problem at once."""
+    path = recipe_file(str(path))
     source = str(path)
-    raw = _read_yaml(Path(path))
+    raw = _read_yaml(path)
     for override in overrides:
         _apply_override(raw, override, source)
     try:
@@ -26,16 +44,22 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def _read_yaml(path: Path) -> dict:
     source = str(path)
-    if not path.is_file():
-        raise fail(source, "(file)", "recipe file not found", "check the path, or run 'lora-tune recipes' for bundled ones")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = RecipeLoader(path.read_text(encoding="utf-8"))
+        try:
+            root = loader.get_single_node()
+            _refuse_alias_bombs(root, source)
+            raw = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except UnicodeDecodeError:
         raise fail(source, "(file)", "not UTF-8 text", "save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if what.startswith("duplicate key"):
+            raise fail(source, where, what, "give each key once; merge the two sections") from None
         raise fail(source, where, f"YAML syntax error: {what}", "fix the YAML (indentation, quotes, ':' spacing)") from None
     if not isinstance(raw, dict):
         raise fail(source, "(top level)", f"expected a mapping of sections, got {show(raw)}",
@@ -43,17 +67,42 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
+def _refuse_alias_bombs(root, source: str) -> None:
+    """Count the values the document expands to (each alias counted as the whole value it repeats), without
+    expanding it: nine nested aliases of nine ("billion laughs") are refused in microseconds, not gigabytes."""
+    sizes = {}
+
+    def size(node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 1  # guards against recursive aliases while this node is being counted
+            children = node.value if isinstance(node.value, list) else []
+            parts = [child for pair in children for child in (pair if isinstance(pair, tuple) else (pair,))]
+            sizes[id(node)] = 1 + sum(size(child) for child in parts)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_VALUES:
+        raise fail(source, "(file)", f"the YAML expands to {size(root):,} values through aliases (*name)",
+                   f"a recipe holds a few hundred; remove the nested aliases (limit {MAX_VALUES:,})")
+
+
 def _apply_override(raw: dict, override: str, source: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise fail("--set", show(override), "expected KEY=VALUE", "write e.g. --set train.learning_rate=1e-4")
+    try:
+        value = yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as exc:
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise fail("--set", key, f"{show(text)} is not a YAML value ({what})",
+                   "quote it, or write e.g. --set train.max_steps=100 or --set lora.target_modules=[q_proj,v_proj]") \
+            from None
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise fail(source, key, f"cannot set inside a {type(node).__name__}", "check the key path")
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = value
 
 
 def _problem(source: str, raw: dict, error: dict) -> Problem:

@@ -38,7 +38,8 @@ class ModelSection(Section):
         "optimizer state stay fp32); auto: bfloat16 where the GPU or CPU computes it natively, else float16 on a GPU, "
         "float32 on a CPU.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto lets transformers pick (sdpa where the architecture has it)."
+        "auto", description="Attention kernel; auto: SDPA on each packed example's own span (no work on masked-out "
+        "blocks) where the architecture uses transformers' attention interface, else transformers' choice."
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; off unless you trust it.")
     allow_pickle: bool = Field(
@@ -116,7 +117,7 @@ class TrainSection(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: Union[Literal["auto"], PositiveInt] = Field(
-        4, description="Rows per device per step (packed rows hold several examples); auto: the largest that "
+        "auto", description="Rows per device per step (packed rows hold several examples); auto: the largest that "
         "fits the GPU per lora-tune plan, 2 on CPU.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
@@ -138,6 +139,9 @@ class TrainSection(Section):
     response_loss: Union[Literal["auto"], bool] = Field(
         "auto", description="Run the LM head on response tokens only, in chunks (no full logits; token accuracy from "
         "the same pass); auto: on when it equals the model's own loss, checked at start.")
+    compile: Union[Literal["auto"], bool] = Field(
+        "auto", description="torch.compile each decoder layer; auto: off (measured on CPU: no faster per step, "
+        "a minute to compile; not measured on GPUs yet).")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps (metrics.jsonl, tensorboard).")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the validation rows every N steps.")

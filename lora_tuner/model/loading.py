@@ -9,6 +9,7 @@ from ..config.schema import ModelSection, QuantizationSection
 from ..errors import fail
 from ..safe_files import open_safetensors
 from .dtypes import torch_dtype
+from .packed_attention import register as register_packed_sdpa
 from .quantization import bnb_config, keep_4bit_weights_unpacked
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -72,7 +73,7 @@ def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
             path,
             revision=model.revision,
             dtype=torch_dtype(model.dtype),
-            attn_implementation=None if model.attn_implementation == "auto" else model.attn_implementation,
+            attn_implementation=attention_for(model, path),
             quantization_config=bnb_config(quantization, model.dtype, sharded),
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle else True,
@@ -86,6 +87,16 @@ def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
     if quantization.mode == "4bit":
         keep_4bit_weights_unpacked(base)
     return base
+
+
+def attention_for(model: ModelSection, path: str) -> str | None:
+    """auto: per-example packed SDPA (model/packed_attention.py) for architectures built on transformers' attention
+    interface, else transformers' own choice (None)."""
+    if model.attn_implementation != "auto":
+        return model.attn_implementation
+    config = AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    architecture = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return register_packed_sdpa() if getattr(architecture, "_supports_attention_backend", False) else None
 
 
 def _device_map(quantization: QuantizationSection):

@@ -40,6 +40,9 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
     notes.append(f"batch {train.batch_size} ({why if 'batch_size' in automatic else 'recipe'})")
     notes.append(f"gradient checkpointing {'on' if train.gradient_checkpointing else 'off'} "
                  f"({why if 'gradient_checkpointing' in automatic else 'recipe'})")
+    compiled = train.compile is True
+    notes.append(f"torch.compile {'on' if compiled else 'off'} (" + ("recipe" if train.compile != "auto" else
+                 "auto: on CPU it is no faster per step and takes a minute to compile; unmeasured on GPUs") + ")")
     liger = train.liger
     if liger == "auto":
         installed = importlib.util.find_spec("liger_kernel") is not None
@@ -48,4 +51,4 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
         notes.append(f"liger kernels {'on' if liger else 'off'} (auto: {why})")
     else:
         notes.append(f"liger kernels {'on' if liger else 'off'} (recipe)")
-    return recipe.model_copy(update={"train": train.model_copy(update={"liger": liger})}), notes
+    return recipe.model_copy(update={"train": train.model_copy(update={"liger": liger, "compile": compiled})}), notes

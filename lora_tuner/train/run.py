@@ -13,6 +13,7 @@ from ..config import Recipe, dump_recipe
 from ..data.prepare import PreparedData, prepare_data
 from ..data.tokenize import training_chat_template
 from ..errors import UserError, fail
+from ..model.compile import compile_decoder_layers
 from ..model.loading import build_random_base, check_base_source, load_base
 from ..model.lora import attach_lora
 from ..model.packing_check import packing_is_isolated
@@ -53,9 +54,10 @@ def _number(value: float | None) -> str:
 
 
 def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
-        resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
+        resume: bool = False, log: Callable[[str], None] = print, callbacks: list = ()) -> RunResult:
     """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI).
     With resume, an unfinished run of the same recipe continues from its newest complete checkpoint.
+    callbacks: extra transformers TrainerCallbacks (e.g. to measure or stop the run).
     Under torchrun / accelerate launch every rank calls this; only rank 0 writes the run folder."""
     ranks = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun ranks talk over gloo
     log = log if ranks.is_main_process else _quiet
@@ -77,7 +79,8 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
             work.write_recipe(recipe)
             work.write_validation(data.eval or data.train, held_out=bool(data.eval))
     try:
-        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks, log)
+        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks,
+                                 list(callbacks))
     except (UserError, KeyboardInterrupt):
         if not resume and ranks.is_main_process and not work.has_checkpoints():
             folder.discard()  # refused or stopped before the first checkpoint: leave nothing behind
@@ -93,7 +96,7 @@ def _quiet(message: str) -> None:
 
 
 def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: RunFolder, final: Path,
-           fast_path: list[str], checkpoint: Path | None, ranks: PartialState, log: Callable[[str], None]):
+           fast_path: list[str], checkpoint: Path | None, ranks: PartialState, callbacks: list):
     started = now()
     sharded = ranks.num_processes > 1 and recipe.distributed.strategy in ("fsdp", "deepspeed-zero3")
     if recipe.model.init == "random":
@@ -106,12 +109,20 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
     else:
         base_path = recipe.model.name_or_path
         base = load_base(recipe.model, recipe.quantization, base_path, source, sharded)
+    attention = base.config._attn_implementation
+    fast_path = fast_path + [f"attention {attention} (" + ("recipe" if recipe.model.attn_implementation != "auto" else
+                             "auto: each packed example attends over its own span only" if attention == "packed_sdpa"
+                             else "auto: transformers' choice for this architecture") + ")"]
     if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
         raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
                    f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
                    "set data.packing: false, or try another model.attn_implementation")
     model = attach_lora(base, recipe)
+    if recipe.train.compile:
+        compile_decoder_layers(model.get_base_model())
     trainer, progress = make_trainer(recipe, model, tokenizer, data, work, ranks, fresh=checkpoint is None)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if checkpoint and ranks.is_main_process:
         work.forget_metrics_after(int(checkpoint.name.removeprefix("checkpoint-")))
     with StopOnSignal() as stop, disk_full_is_a_user_error(work, source):

@@ -1,0 +1,64 @@
+"""Attention for packed rows that costs what the examples cost. A padding-free batch is one long row of several
+examples with position ids restarting at each; transformers' SDPA path then builds a block-diagonal mask over the
+whole row and computes every block of it, masked ones included (a 1,024-token row of eight examples does eight
+times the attention work it needs), and a masked SDPA cannot use the fused causal kernel. Here each example's
+span runs as its own causal SDPA call: the same numbers, only the blocks that count.
+
+Written by hand because nothing installed does it on CPU: flash-attention's varlen kernel is CUDA-only, and
+flex_attention needs a compilation per shape. Registered with transformers' AttentionInterface, so models use it
+through attn_implementation like any other kernel; anything that is not a padding-free row (padding masks, a KV
+cache, several rows) goes to transformers' own SDPA."""
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+NAME = "packed_sdpa"
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, **kwargs):
+    spans = _example_spans(kwargs.get("position_ids"), query, key)
+    if spans is None or dropout or not getattr(module, "is_causal", True):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    outputs = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], is_causal=True, scale=scaling)
+        for start, end in spans]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+# Every layer of one forward gets the same position ids tensor: its spans are worked out once. The tensor itself is
+# kept (an address could be reused by the next batch's), with its version counter against in-place changes.
+_last = {"positions": None, "version": None, "spans": None}
+
+
+def _example_spans(position_ids, query, key) -> list[tuple[int, int]] | None:
+    """[start, end) of each example in a single padding-free row whose positions run 0, 1, ... within each example;
+    None for anything else."""
+    if position_ids is None or position_ids.shape[0] != 1 or query.shape[0] != 1:
+        return None
+    length = query.shape[2]
+    if length < 2 or key.shape[2] != length or position_ids.shape[1] != length:
+        return None
+    if _last["positions"] is not position_ids or _last["version"] != position_ids._version:
+        _last.update(positions=position_ids, version=position_ids._version, spans=_spans(position_ids[0], length))
+    return _last["spans"]
+
+
+def _spans(positions: torch.Tensor, length: int) -> list[tuple[int, int]] | None:
+    starts = (positions == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        return None
+    ends = starts[1:] + [length]
+    expected = torch.cat([torch.arange(end - start, device=positions.device) for start, end in zip(starts, ends)])
+    return list(zip(starts, ends)) if torch.equal(positions, expected) else None
+
+
+def register() -> str:
+    """Make attn_implementation=NAME available (idempotent); its masks are SDPA's, used when it falls back."""
+    AttentionInterface.register(NAME, packed_sdpa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    return NAME

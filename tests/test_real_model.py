@@ -1,0 +1,104 @@
+"""The real pretrained SmolLM2-135M-Instruct (../shared/models, a LLaMA-architecture model with GQA and tied
+embeddings) through training, merge and the pool. Skipped without ../shared.
+
+Measured when written (2 cores, this suite's settings): the 16-bit run lowers held-out loss from 2.53 to 2.19
+(0.34 nats); its default fp16 merge keeps 100.0% of that gain with 99.9% top-1 agreement; the QLoRA adapter merged
+into its dequantized weights agrees with it on its 4-bit base on 99.6% of tokens."""
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from conftest import SHARED
+from lora_tuner import AdapterPool, load_recipe, merge, run
+from lora_tuner.model.gguf_import import import_gguf
+
+
+GGUF = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+ALPACA = SHARED / "data/alpaca_5000.json"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not GGUF.is_file() or not ALPACA.is_file(), reason="../shared is not here")]
+
+MIN_LOSS_DROP = 0.15  # nats of held-out loss; measured 0.34 (see the module doc)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The GGUF as an ordinary Hugging Face folder (bf16), converted once per session."""
+    return import_gguf(GGUF, tmp_path_factory.mktemp("smollm2") / "model")
+
+
+def real_recipe(folder, base, **train):
+    recipe = {
+        "model": {"name_or_path": str(base)},
+        "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": str(ALPACA), "limit": 400, "validation_size": 16, "max_length": 160},
+        "train": {"max_steps": 12, "batch_size": 2, "learning_rate": 1e-3, "warmup": 0, "logging_steps": 4,
+                  "eval_steps": 100, "save_steps": 100, "report_to": [], **train},
+        "output": {"name": "real"},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return load_recipe(path)
+
+
+@pytest.fixture(scope="session")
+def lora_run(smollm2, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("real-run")
+    return run(real_recipe(folder, smollm2), output=str(folder / "run"))
+
+
+def test_training_lowers_held_out_loss_and_the_default_merge_keeps_the_gain(lora_run, tmp_path):
+    loss = lora_run.manifest.loss
+    print(f"held-out loss {loss.eval_start:.4f} -> {loss.eval:.4f}")
+    assert "bfloat16 compute" in lora_run.manifest.fast_path[0]  # the bf16 base, as users train it
+    assert loss.eval < loss.eval_start - MIN_LOSS_DROP
+
+    report = merge(lora_run.folder, tmp_path / "merged", verify_rows=8)  # the defaults users get
+    v = report.verification
+    print(f"fp16 export: keeps {v.gain_kept:.1%}, top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}")
+    assert report.dtype == "float16" and v.passed and v.held_out
+    assert v.gain_kept >= 0.99 and v.loss_export < v.loss_base - MIN_LOSS_DROP / 2
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no peft
+    assert merged.dtype == torch.float16
+
+
+def test_qlora_merges_into_what_it_saw_and_auto_keeps_the_better(smollm2, tmp_path):
+    recipe = real_recipe(tmp_path, smollm2, max_steps=4)
+    recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"mode": "4bit"})})
+    trained = run(recipe, output=str(tmp_path / "run"))
+
+    into_seen = merge(trained.folder, tmp_path / "dequantized", into="dequantized", verify_rows=8)
+    v = into_seen.verification
+    print(f"dequantized: top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}, loss {v.loss_export:.4f} "
+          f"vs adapter on 4-bit {v.loss_adapter:.4f}")
+    assert v.passed and "4-bit" in v.reference
+
+    auto = merge(trained.folder, tmp_path / "auto", verify_rows=8)
+    losses = auto.heldout_loss_by_target
+    print(f"--into auto: {auto.into_reason}")
+    assert set(losses) == {"dequantized", "original"} and auto.into == min(losses, key=losses.get)
+    assert all(f"{value:.4f}" in auto.into_reason for value in losses.values())  # both figures are shown
+
+
+def test_pool_mixed_batch_equals_fresh_models(smollm2, lora_run, tmp_path):
+    torch.manual_seed(0)  # a second adapter: peft's random init, with B non-zero so it changes the model
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    other.save_pretrained(tmp_path / "other")
+    pool = AdapterPool(str(smollm2), dtype="float32")
+    pool.add("trained", lora_run.folder)
+    pool.add("other", tmp_path / "other")
+    ids = pool.tokenizer(["Name three primary colours."] * 3, return_tensors="pt")
+    rows = ["trained", "other", None]
+    with torch.no_grad():
+        mixed = pool.model(**ids, adapter_names=[name or "__base__" for name in rows]).logits
+    for i, name in enumerate(rows):
+        base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        fresh = PeftModel.from_pretrained(base, lora_run.folder if name == "trained" else tmp_path / "other") \
+            if name else base
+        with torch.no_grad():
+            alone = fresh.eval()(input_ids=ids["input_ids"][i:i + 1]).logits[0]
+        assert (mixed[i] - alone).abs().max() < 1e-4, name
+    assert (mixed[0] - mixed[2]).abs().max() > 0.1 and (mixed[1] - mixed[2]).abs().max() > 0.1  # adapters matter
