@@ -78,3 +78,12 @@ def test_packed_attention_computes_each_example_alone(tiny_base):
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
         alone = torch.cat([model(input_ids=ids[:, s:s + n]).logits for s, n in zip(starts, lengths)], dim=1)
     assert torch.allclose(packed, alone, atol=1e-5), (packed - alone).abs().max()
+
+
+def test_packed_spans_include_a_collators_padding():
+    from lora_tuner.model.packed_attention import _spans
+
+    rows = torch.cat([torch.arange(4), torch.arange(3), torch.zeros(3, dtype=torch.long)])
+    assert _spans(rows, 10) == [(0, 4), (4, 7), (7, 10)]  # the padding is one span, not three
+    assert _spans(torch.cat([torch.arange(4), torch.arange(3)]), 7) == [(0, 4), (4, 7)]
+    assert _spans(torch.tensor([0, 1, 3, 0, 1]), 5) is None  # not a packed row: left to transformers' SDPA

@@ -32,6 +32,13 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
+    tokenizer = _load(model, source)
+    if tokenizer.pad_token is None:  # batched eval and generation need one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
     name = model.tokenizer or model.name_or_path
     if name == "bytes":
         return byte_tokenizer()
@@ -41,16 +48,13 @@ def load_tokenizer(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
             raise fail(source, "model.tokenizer", f"SentencePiece file {name!r} not found", "check the path")
         return LlamaTokenizer.from_pretrained(str(path.parent), add_bos_token=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(
             name, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         field = "model.tokenizer" if model.tokenizer else "model.name_or_path"
         raise fail(source, field, f"cannot load a tokenizer from {name!r} ({_first_line(exc)})",
                    "point it at a folder with tokenizer files, a tokenizer.model file, or 'bytes'") from None
-    if tokenizer.pad_token is None:  # batched eval and generation need one; EOS is the usual stand-in
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,8 +1,6 @@
 """Training methods, by recipe name (train.method). A method turns the prepared run into a transformers Trainer;
 SFT is the one today, and a preference-tuning method would be another entry beside it."""
 from accelerate import PartialState
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
 from ..config.schema import Recipe
@@ -22,7 +20,10 @@ def make_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, folder: R
     resumed run, so validation loss is measured once before the first step too."""
     progress = Progress()
     callbacks = [MetricsFile(folder), EvaluateAtEnd(), SealCheckpoints(ranks), progress]
-    if ranks.is_main_process:
+    if ranks.is_main_process and "tensorboard" in recipe.train.report_to:
+        from torch.utils.tensorboard import SummaryWriter  # ~100 MB of imports: only when asked for
+        from transformers.integrations import TensorBoardCallback
+
         callbacks.append(TensorBoardCallback(SummaryWriter(str(folder / RunFolder.TENSORBOARD))))
     trainer = METHODS[recipe.train.method](recipe, model, tokenizer, data, folder, callbacks, fresh)
     trainer.remove_callback(PrinterCallback)  # Progress prints readable lines instead of raw log dicts
