@@ -39,9 +39,13 @@ class AtomicFolder:
     def start(self, resume: bool = False) -> Path:
         if resume:
             return self.partial
-        if self.partial.exists():  # --force, or a stale unfinished output with nothing to continue from
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
+        try:
+            if self.partial.exists():  # --force, or a stale unfinished output with nothing to continue from
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+        except OSError as exc:
+            raise fail(self.source, self.field, f"cannot write in {str(self.final.parent)!r} ({exc.strerror})",
+                       f"choose a writable {self.field}") from None
         return self.partial
 
     def discard(self) -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .plan import GPUS
+from .plan import DEVICE_NAMES
 
 SET_HELP = "Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable)."
 
 
 def user_errors(command):
-    """Turn UserError into its lines on stderr and exit code 2: no traceback for bad input."""
+    """Turn UserError into its lines on stderr and exit code 2: no traceback for bad input. Ctrl-C outside training
+    (which stops gracefully on its own) ends with 130, like any program stopped by SIGINT."""
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
@@ -24,6 +25,9 @@ def user_errors(command):
             for problem in exc.problems:
                 click.echo(f"error: {problem}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("stopped by Ctrl-C; nothing unfinished was put in place", err=True)
+            sys.exit(130)
     return wrapper
 
 
@@ -74,7 +78,7 @@ def run(recipe, output, overrides, force, resume):
     except Interrupted as stop:
         again = " ".join(["lora-tune run", recipe, *(f"--set {o}" for o in overrides),
                           *(["--output", output] if output else []), "--resume"])
-        click.echo(f"{stop}; a checkpoint was saved. Continue with:\n  {again}", err=True)
+        click.echo(f"{stop}. Continue with:\n  {again}", err=True)
         sys.exit(128 + stop.signum)
     if result.manifest:  # empty on ranks other than 0 under torchrun / accelerate launch
         click.echo(result.summary())
@@ -209,24 +213,30 @@ def evaluate(folder, merged, data, rows, generations, max_new_tokens):
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--gpu", default="h100", show_default=True, type=click.Choice(list(GPUS)), help="GPU to plan for.")
+@click.option("--device", "--gpu", "device", default="h100", show_default=True, type=click.Choice(DEVICE_NAMES),
+              help="What to plan for: a GPU, or cpu (this machine).")
 @click.option("--tokens", type=int, help="Tokens the run trains on, when the data set is not local or known.")
 @click.option("--world-size", default=1, show_default=True, type=click.IntRange(1),
               help="GPUs the run is launched on (per-GPU memory follows distributed.strategy).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @user_errors
-def plan(recipe, gpu, tokens, world_size, overrides):
-    """Memory breakdown and time estimate for RECIPE on a GPU, from the model config alone (no weights).
+def plan(recipe, device, tokens, world_size, overrides):
+    """Memory breakdown and time estimate for RECIPE, from the model config alone (no weights). Exits 1 when it
+    does not fit, saying what would make it fit.
 
     \b
     Examples:
-      lora-tune plan recipes/llama-7b-qlora-alpaca.yaml --gpu t4
-      lora-tune plan recipes/gptj-6b-qlora-alpaca.yaml --set train.batch_size=4
+      lora-tune plan llama-7b-qlora-alpaca --device t4
+      lora-tune plan gptj-6b-qlora-alpaca --set train.batch_size=4
+      lora-tune plan smollm2-135m-alpaca --device cpu
     """
     from .config import load_recipe
     from .plan.estimate import make_plan
 
-    click.echo("\n".join(make_plan(load_recipe(recipe, overrides), recipe, gpu, tokens, world_size).lines()))
+    found = make_plan(load_recipe(recipe, overrides), recipe, device, tokens, world_size)
+    click.echo("\n".join(found.lines()))
+    if not found.fits:
+        sys.exit(1)
 
 
 def _pool(adapters: tuple[str, ...], base: str | None):

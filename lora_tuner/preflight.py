@@ -1,25 +1,89 @@
-"""`lora-tune validate`: check a recipe and everything local it points at, without loading weights."""
+"""What can be refused before any weight is loaded: everything transformers, peft, torch or TRL would reject at run
+time, checked against the model's config (when it is local, known or given) and the installed packages. `lora-tune
+validate` runs all of it; `lora-tune run` runs the same checks before it creates the run folder."""
+import importlib.util
+
+import torch
+
 from .config import Recipe
 from .data.prepare import prepare_data
 from .data.reading import BUILTIN_DEMO, is_local
+from .errors import UserError, fail, show
 from .model.loading import check_base_source
 from .model.tokenizer import load_tokenizer
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 def check_recipe(recipe: Recipe, source: str) -> list[str]:
     """Raise UserError on the first broken input; return notes on what could only be checked when run."""
     notes = []
     check_base_source(recipe.model, source)
+    check_environment(recipe, source)
     tokenizer_name = recipe.model.tokenizer or recipe.model.name_or_path
     tokenizer = None
     if tokenizer_name == "bytes" or is_local(tokenizer_name):
         tokenizer = load_tokenizer(recipe.model, source)
     else:
         notes.append(f"tokenizer {tokenizer_name!r} is on the hub: token lengths are checked when the run starts")
+    notes += check_model_fit(recipe, source, tokenizer)
     if recipe.data.path == BUILTIN_DEMO or is_local(recipe.data.path):
         data = prepare_data(recipe, tokenizer, source)
-        notes.append(f"data: {len(data.train)} train / {len(data.eval) if data.eval else 0} validation rows"
+        notes.append(f"data: {len(data.train)} train / {len(data.eval)} validation rows"
                      + (f"; would drop {data.dropped_summary()}" if data.dropped else ""))
     else:
         notes.append(f"data {recipe.data.path!r} is on the hub: its rows are checked when the run starts")
     return notes
+
+
+def check_environment(recipe: Recipe, source: str) -> None:
+    """Optional packages and devices the recipe asks for."""
+    for tracker in recipe.train.report_to:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise fail(source, "train.report_to", f"{tracker!r} is not installed",
+                       f"pip install {TRACKER_PACKAGES[tracker]}, or remove it from train.report_to")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise fail(source, "model.attn_implementation", "'flash_attention_2' needs the flash-attn package and a "
+                       "CUDA GPU", "use auto (per-example SDPA on packed rows), or pip install flash-attn on a GPU")
+    if recipe.train.liger is True and (importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available()):
+        raise fail(source, "train.liger", "true, but Liger's kernels need the liger-kernel package and a CUDA GPU",
+                   "set train.liger: auto, or pip install liger-kernel on a GPU")
+    if recipe.distributed.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise fail(source, "distributed.strategy", f"{recipe.distributed.strategy!r} needs the deepspeed package",
+                   "pip install deepspeed, or use ddp or fsdp")
+
+
+def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
+    """The recipe against the model's config: heads, LoRA target names, positions, vocabulary."""
+    from .model.anatomy import meta_model
+    from .plan.estimate import model_config
+
+    try:
+        config = model_config(recipe, source)
+    except UserError:  # a hub model not in the cache: checked when the run loads it
+        return [f"model {recipe.model.name_or_path!r} is not on this machine: its config is checked when the run starts"]
+    text = config.get_text_config()
+    heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if heads and text.hidden_size % heads:
+        raise fail(source, "model.config", f"hidden_size {text.hidden_size} is not divisible by num_attention_heads "
+                   f"{heads}", "make hidden_size a multiple of num_attention_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise fail(source, "model.config", f"num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                   f"{kv_heads}", "use a num_key_value_heads that divides num_attention_heads")
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if positions and recipe.data.max_length > positions:
+        raise fail(source, "data.max_length", f"{recipe.data.max_length} is longer than the model's {positions} "
+                   "positions", f"set data.max_length to at most {positions}")
+    if tokenizer is not None and len(tokenizer) > text.vocab_size:
+        raise fail(source, "model.tokenizer", f"the tokenizer has {len(tokenizer):,} tokens, the model's embedding "
+                   f"{text.vocab_size:,}", "use the model's own tokenizer, or one no larger than its vocabulary")
+    if recipe.lora.target_modules != "all-linear":
+        model = meta_model(config)
+        names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)) or type(module).__name__ == "Conv1D"}
+        missing = [t for t in recipe.lora.target_modules if t.rsplit(".", 1)[-1] not in names]
+        if missing:
+            raise fail(source, "lora.target_modules", f"{show(missing)} name no linear layer of "
+                       f"{type(model).__name__}", f"use all-linear or some of {sorted(names)}")
+    return []

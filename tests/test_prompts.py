@@ -22,8 +22,8 @@ ROWS = {  # format -> rows; responses start with '-' so that ':-' merges across 
 def tokenizers():
     found = {"bytes": byte_tokenizer}
     if (SHARED / "tokenizers/llama/tokenizer.model").is_file():
-        found["llama-sentencepiece"] = lambda: LlamaTokenizer.from_pretrained(str(SHARED / "tokenizers/llama"),
-                                                                             add_bos_token=True)
+        folder = str(SHARED / "tokenizers/llama")
+        found["llama-sentencepiece"] = lambda: LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
     if SMOLLM2.is_file() or SMOLLM2.is_dir():
         from transformers import AutoTokenizer
 

@@ -128,7 +128,7 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = Field(
-        "adamw_torch", description="Optimizer (8-bit ones from bitsandbytes need CUDA)."
+        "adamw_torch", description="Optimizer; the 8-bit ones are bitsandbytes' (paged falls back to unpaged on CPU)."
     )
     gradient_checkpointing: Union[Literal["auto"], bool] = Field(
         "auto", description="Recompute activations in backward (less memory, ~30% slower); auto: only on a GPU "

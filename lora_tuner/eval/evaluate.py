@@ -116,8 +116,8 @@ def _gains(models: list[Scored]) -> None:
             m.gain_kept = (names["base"].loss - m.loss) / gain if abs(gain) > 1e-9 else None
 
 
-def _examples(target: RunFolder, recipe, tokenizer, data: str | None, source: str) -> tuple[list[dict], bool | None,
-                                                                                           str]:
+def _examples(target: RunFolder, recipe, tokenizer, data: str | None, source: str):
+    """(prompt/completion examples, whether they were held out (None: unknown), where they came from)."""
     if data is None:
         examples, held_out = target.validation()
         if not examples:

@@ -16,7 +16,8 @@ from .base_reader import base_shards, plan_entries
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
 from .report import MergeReport
-from .streaming import Float16Overflow, stream_merge
+from .streaming import Float16Overflow, SafetensorsExporter
+from .weights import MergedWeights
 
 # transformers and peft are imported only by the steps that need them (4-bit round trip, verification):
 # a --no-verify merge of a 16-bit adapter is pure tensor streaming and should not pay seconds of imports.
@@ -113,12 +114,12 @@ def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, qua
 
 def _write_weights(deltas, base_folder: Path, place: Path, out_dtype: Choice, max_bytes: int,
                    quantization: QuantizationSection | None, recipe: Recipe | None, source: str):
-    """(files, dtype written). A float16 export that would overflow falls back to the trained dtype when float16
-    was the default, and is refused when it was asked for."""
-    entries = plan_entries(base_shards(base_folder, source), out_dtype.value, source)
+    """(files, dtype written). A float16 export that would overflow falls back to bfloat16 when float16 was the
+    default, and is refused when it was asked for."""
+    load_dtype = getattr(torch, recipe.model.dtype) if recipe else out_dtype.value
+    weights = MergedWeights.of(base_folder, out_dtype.value, source, deltas, quantization, load_dtype)
     try:
-        return stream_merge(deltas, entries, place, out_dtype.value, max_bytes, quantization, base_folder,
-                            recipe), out_dtype
+        return SafetensorsExporter(max_bytes).write(weights, place), out_dtype
     except Float16Overflow as overflow:
         if out_dtype.reason == "--dtype":
             raise fail(source, "--dtype", f"fp16: merged {overflow.name!r} exceeds float16's range (65,504)",
@@ -214,7 +215,8 @@ def _check_fit(deltas: LoraDeltas, entries, base_folder: Path, source: str) -> N
 
 
 def _check_disk(needed: int, parent: Path, source: str) -> None:
-    parent.mkdir(parents=True, exist_ok=True)
+    while not parent.exists():  # the nearest folder that exists is on the device the export will be written to
+        parent = parent.parent
     free = shutil.disk_usage(parent).free
     if needed > free:
         raise fail(source, "--out", f"needs {_size(needed)}, {parent} has {_size(free)} free",

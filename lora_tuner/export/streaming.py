@@ -1,19 +1,17 @@
-"""The merge itself, chunk of rows by chunk of rows on every core: base rows mapped from disk, the adapter's delta
-added in fp32, the sum cast to the output dtype and written at its place in the output shards."""
+"""The safetensors exporter: merged weights written chunk of rows by chunk of rows on every core (base rows mapped
+from disk, the adapter's delta added in fp32, the sum cast to the output dtype) at their place in the output shards."""
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config.schema import QuantizationSection, Recipe
-from .base_reader import Entry, mapped_rows
-from .lora_deltas import LoraDeltas
+from .base_reader import Entry
 from .shard_writer import StreamingShards
+from .weights import MergedWeights
 
 CHUNK_BYTES = 2 * 2**20  # the unit of merging and writing: large enough that a write has no overhead
 BLOCK_ELEMENTS = 2**19  # fp32 arithmetic block of 2 MB per worker: it stays in the core's cache
@@ -29,53 +27,44 @@ class Float16Overflow(Exception):
         self.name = name
 
 
-def stream_merge(deltas: LoraDeltas, entries: list[Entry], work: Path, out_dtype: torch.dtype, max_bytes: int,
-                 quantization: QuantizationSection | None, base_folder: Path, recipe: Recipe | None) -> list[str]:
-    """Write every base tensor, merged, into shards in `work`; return their file names. With `quantization`, weights
-    that 4-bit loading quantizes are first round-tripped, as training saw them.
-    Chunks of rows go to one worker thread per core, which reads them (mapped), adds the delta, casts them and
-    writes them at their place in the output: each worker alternates arithmetic and writing, so the cores stay busy."""
-    if quantization:
-        from .as_trained import quantized_weight_names
-    round_tripped = quantized_weight_names(str(base_folder)) if quantization else set()
-    load_dtype = getattr(torch, recipe.model.dtype) if recipe else out_dtype
-    workers = torch.get_num_threads()
-    with StreamingShards(work, entries, max_bytes) as shards, _one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        for entry in tqdm(entries, desc="merging", unit="tensor"):
-            if entry.name in round_tripped:
-                rows_of = _round_tripped_rows(entry, quantization, load_dtype)
-            else:
-                rows_of = partial(mapped_rows, entry)
-            step = _rows_per_chunk(entry)
-            for start in range(0, entry.rows, step):
-                stop = min(start + step, entry.rows)
-                pending.append(pool.submit(_merge_chunk, entry, rows_of, start, stop, deltas, shards))
-                if len(pending) > QUEUED_PER_WORKER * workers:  # bounds memory: few chunks exist at once
-                    pending.popleft().result()
-        for chunk in pending:
-            chunk.result()
-        return shards.close()
+class SafetensorsExporter:
+    """Sharded safetensors + index, as save_pretrained writes them; shards of at most max_bytes."""
 
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
 
-def _round_tripped_rows(entry: Entry, quantization: QuantizationSection, load_dtype: torch.dtype):
-    """Rows of the weight as 4-bit training saw it. Quantization blocks span rows, so the whole weight is done."""
-    from .as_trained import round_trip_4bit
-
-    weight = round_trip_4bit(mapped_rows(entry, 0, entry.rows), quantization, load_dtype)
-    return lambda start, stop: weight[start:stop]
+    def write(self, weights: MergedWeights, work: Path) -> list[str]:
+        """Every tensor into shards in `work`; their file names. Chunks of rows go to one worker thread per core,
+        which reads them (mapped), adds the delta, casts them and writes them at their place in the output: each
+        worker alternates arithmetic and writing, so the cores stay busy."""
+        workers = torch.get_num_threads()
+        with StreamingShards(work, weights.entries, self.max_bytes) as shards, _one_thread_per_op(), \
+                ThreadPoolExecutor(workers) as pool:
+            pending = deque()
+            for entry in tqdm(weights.entries, desc="merging", unit="tensor"):
+                rows_of = weights.rows_of(entry)
+                step = _rows_per_chunk(entry)
+                for start in range(0, entry.rows, step):
+                    stop = min(start + step, entry.rows)
+                    pending.append(pool.submit(_merge_chunk, weights, entry, rows_of, start, stop, shards))
+                    if len(pending) > QUEUED_PER_WORKER * workers:  # bounds memory: few chunks exist at once
+                        pending.popleft().result()
+            for chunk in pending:
+                chunk.result()
+            return shards.close()
 
 
 def _rows_per_chunk(entry: Entry) -> int:
     return max(1, CHUNK_BYTES // max(1, entry.row_elements * entry.dtype.itemsize))
 
 
-def _merge_chunk(entry: Entry, rows_of, start: int, stop: int, deltas: LoraDeltas, shards: StreamingShards) -> None:
+def _merge_chunk(weights: MergedWeights, entry: Entry, rows_of, start: int, stop: int,
+                 shards: StreamingShards) -> None:
     rows = rows_of(start, stop)
     raw = _reused("out", rows.numel() * entry.dtype.itemsize, torch.uint8)
     scratch = _reused("scratch", max(BLOCK_ELEMENTS, entry.row_elements), torch.float32)
     out = raw.view(entry.dtype).view(rows.shape)
-    deltas.merge_rows(entry.name, rows, start, out, scratch)
+    weights.merge_rows(entry, rows, start, out, scratch)
     if entry.dtype == torch.float16 and torch.isinf(out).any():
         raise Float16Overflow(entry.name)
     shards.write(entry, start * entry.row_elements * entry.dtype.itemsize, raw.numpy().data)

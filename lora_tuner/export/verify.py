@@ -75,4 +75,3 @@ def verify(export_folder: Path, reference, rows: list[Batch], row_count: int, he
         top1_agreement=found.top1_agreement, mean_kl=found.mean_kl, max_abs_logit_diff=found.max_abs_logit_diff,
         loss_export=found.loss, loss_adapter=found.reference_loss, loss_base=base_loss, gain_kept=kept,
         passed=not failed, why="; ".join(failed or [why for _, why in checks]))
-

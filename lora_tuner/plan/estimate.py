@@ -1,5 +1,9 @@
-"""`lora-tune plan`: memory breakdown and time estimate from the config, the recipe and the data, no weights."""
-from dataclasses import dataclass
+"""`lora-tune plan`: memory breakdown and time estimate from the config, the recipe and the data, no weights.
+
+Time per token is matmul work at the device's calibrated share of peak, plus the vocabulary softmax (memory-bound,
+so counted per logit, not per FLOP). A run computes the LM head on response tokens only (train.response_loss), so
+the head's work and the softmax scale with the data's response share."""
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -8,8 +12,14 @@ from ..config.schema import Recipe
 from ..data.reading import BUILTIN_DEMO, is_local
 from ..errors import fail
 from ..model.anatomy import meta_model, quantized_linears
-from .gpus import GIB, GPUS, Gpu
+from ..model.dtypes import native_dtype
+from ..train.response_loss import CHUNK_ELEMENTS
+from .devices import GIB, Device, device
 from .known_configs import KNOWN, KNOWN_DATA
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DEFAULT_RESPONSE_SHARE = 0.5  # when the data cannot be counted
+
 
 def usable_memory(total_bytes: int) -> int:
     """The memory budget both `plan` and `run` decide against: ~10% of a GPU goes to the CUDA context, kernels'
@@ -17,121 +27,168 @@ def usable_memory(total_bytes: int) -> int:
     return int(0.9 * total_bytes)
 
 
-PLANNING_MFU = 0.4  # fraction of peak a well-fed LoRA run reaches; measured runs are in benchmarks/results
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+@dataclass
+class Anatomy:
+    config: PretrainedConfig
+    params: int
+    quantized: dict  # name -> Linear that bitsandbytes replaces when the base is loaded in 4 or 8 bits
+    body_matmul_params: int  # every linear layer but the output head
+    head_params: int
+    lora_params: int
+
+
+@dataclass
+class DataShape:
+    tokens: int | None  # tokens the run trains on (all epochs)
+    note: str
+    response_share: float  # trained (response) tokens / all tokens
+    tokens_per_row: float
 
 
 @dataclass
 class Plan:
-    gpu: Gpu
-    params: int  # base model parameters
-    quantized_params: int  # in linear layers that bitsandbytes replaces
-    lora_params: int
-    matmul_params: int  # weights of every linear layer, lm_head included: 2 FLOPs per token each way
-    memory: dict[str, int]  # bytes per component
-    tokens: int | None  # tokens the run will train on (all epochs)
-    tokens_note: str
+    device: Device
+    dtype: str
+    world_size: int
+    parts: Anatomy
+    data: DataShape
+    memory: dict[str, int]  # bytes per component, per device
     checkpointing: bool
     batch_size: int
+    response_loss: bool
+    quantized: bool
+    change_to_fit: str | None = None  # when it does not fit: the first change that makes it
+
+    @property
+    def params(self) -> int:
+        return self.parts.params
+
+    @property
+    def lora_params(self) -> int:
+        return self.parts.lora_params
 
     @property
     def total_bytes(self) -> int:
         return sum(self.memory.values())
 
     @property
-    def fits(self) -> bool:
-        return self.total_bytes <= usable_memory(self.gpu.memory_bytes)
+    def budget(self) -> int:
+        return usable_memory(self.device.memory_bytes)
 
     @property
-    def flops_per_token(self) -> int:
-        passes = 3 if self.checkpointing else 2  # forward, input-gradient backward, and a recompute
-        return 2 * self.matmul_params * passes
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget
+
+    @property
+    def head_share(self) -> float:
+        """Share of tokens the LM head and softmax run on."""
+        return self.data.response_share if self.response_loss else 1.0
+
+    @property
+    def flops_per_token(self) -> float:
+        passes = 3 if self.checkpointing else 2  # forward and input-gradient backward (frozen base), + a recompute
+        config = self.parts.config.get_text_config()
+        context = self.data.tokens_per_row / 2  # causal attention over the example's own tokens, on average
+        attention = 2 * 2 * config.num_hidden_layers * config.hidden_size * context
+        matmuls = self.parts.body_matmul_params + self.parts.lora_params + self.parts.head_params * self.head_share
+        return passes * (2 * matmuls + attention)
+
+    @property
+    def seconds_per_token(self) -> float:
+        compute = self.flops_per_token / (self.device.tflops(self.dtype) * 1e12 * self.device.efficiency)
+        vocab = self.parts.config.get_text_config().vocab_size
+        return compute + self.head_share * vocab * self.device.softmax_ns * 1e-9
 
     @property
     def seconds(self) -> float | None:
-        if self.tokens is None:
-            return None
-        return self.tokens * self.flops_per_token / (self.gpu.tflops * 1e12 * PLANNING_MFU)
+        return None if self.data.tokens is None else self.data.tokens * self.seconds_per_token
 
     def lines(self) -> list[str]:
-        rows = [f"parameters      {_count(self.params):>10s}  ({_count(self.quantized_params)} quantized, "
+        quantized = sum(m.weight.numel() for m in self.parts.quantized.values()) if self.quantized else 0
+        rows = [f"parameters      {_count(self.params):>10s}  ({_count(quantized)} quantized, "
                 f"LoRA {_count(self.lora_params)} trainable)"]
         rows += [f"{name:15s} {size / GIB:8.2f} GiB" for name, size in self.memory.items()]
-        verdict = "fits" if self.fits else "does NOT fit"
         rows.append(f"{'batch':15s} {self.batch_size:>8d} rows, gradient checkpointing "
-                    f"{'on' if self.checkpointing else 'off'}")
-        rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} in {self.gpu.name}'s "
-                    f"{usable_memory(self.gpu.memory_bytes) / GIB:.2f} GiB usable")
+                    f"{'on' if self.checkpointing else 'off'}, {self.dtype}")
+        verdict = "fits" if self.fits else "does NOT fit"
+        where = f"{self.device.name}'s" if self.world_size == 1 else f"each of {self.world_size} {self.device.name}s'"
+        rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} in {where} "
+                    f"{self.budget / GIB:.2f} GiB usable")
+        if self.change_to_fit:
+            rows.append(f"to fit          {self.change_to_fit}")
         if self.seconds is None:
-            rows.append(f"time            unknown: {self.tokens_note}")
+            rows.append(f"time            unknown: {self.data.note}")
         else:
-            rows.append(f"time            {self.seconds / 60:8.1f} min for {self.tokens / 1e6:.2f} M tokens "
-                        f"({self.tokens_note}) at {PLANNING_MFU:.0%} of {self.gpu.tflops:g} TFLOP/s")
+            calibrated = "calibrated" if self.device.calibrated else "assumed"
+            rows.append(f"time            {self.seconds / 60:8.1f} min for {self.data.tokens / 1e6:.2f} M tokens "
+                        f"({self.data.note}): {1 / self.seconds_per_token:,.0f} tokens/s at "
+                        f"{self.device.efficiency:.0%} ({calibrated}) of {self.device.tflops(self.dtype):g} TFLOP/s")
         return rows
-
-
-def for_gpu(recipe: Recipe, gpu: Gpu) -> Recipe:
-    """'auto' dtypes as `lora-tune run` resolves them on this GPU."""
-    native = "bfloat16" if gpu.bf16 else "float16"
-    dtype = native if recipe.model.dtype == "auto" else recipe.model.dtype
-    compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
-    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": dtype}),
-                                     "quantization": recipe.quantization.model_copy(update={"compute_dtype": compute})})
 
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
 
 
-@dataclass
-class Anatomy:
-    config: PretrainedConfig
-    params: int
-    quantized: dict  # name -> Linear that bitsandbytes replaces
-    linears: dict  # name -> every Linear, lm_head included
-    lora_params: int
-
-
 def anatomy(recipe: Recipe, source: str) -> Anatomy:
     config = model_config(recipe, source)
     model = meta_model(config)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()
     return Anatomy(
         config=config, params=sum(p.numel() for p in model.parameters()),
-        quantized=quantized_linears(model) if recipe.quantization.mode != "none" else {}, linears=linears,
+        quantized=quantized_linears(model),
+        body_matmul_params=sum(m.weight.numel() for m in linears.values() if m is not head),
+        head_params=head.weight.numel() if head is not None else 0,
         lora_params=sum(recipe.lora.rank * (m.in_features + m.out_features)
                         for m in lora_targets(recipe, linears, model).values()),
     )
 
 
-def make_plan(recipe: Recipe, source: str, gpu: str, tokens: int | None = None, world_size: int = 1) -> Plan:
-    """Per-GPU memory and wall time; with several GPUs, the recipe's distributed strategy says what is sharded."""
+def for_device(recipe: Recipe, target: Device, source: str) -> Recipe:
+    """'auto' dtypes as `lora-tune run` resolves them there; a bf16 recipe on a GPU without bf16 is refused."""
+    if target.name == "cpu":
+        native = native_dtype()[0]
+    else:
+        native = "bfloat16" if target.bf16 else "float16"
+        for field, value in (("model.dtype", recipe.model.dtype),
+                             ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
+            if value == "bfloat16" and not target.bf16:
+                raise fail(source, field, f"'bfloat16', which the {target.name} does not compute",
+                           f"set {field}: auto (float16 there) or float16")
+    dtype = native if recipe.model.dtype == "auto" else recipe.model.dtype
+    compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
+    response = recipe.train.response_loss is not False
+    return recipe.model_copy(update={
+        "model": recipe.model.model_copy(update={"dtype": dtype}),
+        "quantization": recipe.quantization.model_copy(update={"compute_dtype": compute}),
+        "train": recipe.train.model_copy(update={"response_loss": response})})
+
+
+def make_plan(recipe: Recipe, source: str, device_name: str, tokens: int | None = None, world_size: int = 1) -> Plan:
+    """Per-device memory and wall time; with several GPUs, the recipe's distributed strategy says what is sharded."""
+    target = device(device_name)
     parts = anatomy(recipe, source)
-    recipe = for_gpu(recipe, GPUS[gpu])
-    recipe = fit_to_memory(recipe, parts, usable_memory(GPUS[gpu].memory_bytes))  # as `lora-tune run` decides
-    checkpointing = recipe.train.gradient_checkpointing
-    counted_tokens, note = _tokens(recipe, source, tokens)
-    memory = _memory(recipe, parts, checkpointing)
-    if world_size > 1:
-        counted_tokens = counted_tokens // world_size if counted_tokens else counted_tokens  # each GPU's share
-        note += f", split over {world_size} GPUs ({recipe.distributed.strategy})"
-        sharded = {"ddp": (), "deepspeed-zero2": ("LoRA + Adam",),
-                   "fsdp": ("weights", "quant consts", "LoRA + Adam"),
-                   "deepspeed-zero3": ("weights", "quant consts", "LoRA + Adam")}[recipe.distributed.strategy]
-        memory = {name: size // world_size if name in sharded else size for name, size in memory.items()}
-    return Plan(
-        gpu=GPUS[gpu], params=parts.params, quantized_params=sum(m.weight.numel() for m in parts.quantized.values()),
-        lora_params=parts.lora_params, matmul_params=sum(m.weight.numel() for m in parts.linears.values()),
-        memory=memory, tokens=counted_tokens, tokens_note=note, checkpointing=checkpointing,
-        batch_size=recipe.train.batch_size,
-    )
+    recipe = for_device(recipe, target, source)
+    budget = usable_memory(target.memory_bytes)
+    recipe = fit_to_memory(recipe, parts, budget, world_size)  # as `lora-tune run` decides
+    data = _data_shape(recipe, source, tokens)
+    if world_size > 1 and data.tokens:
+        data = replace(data, tokens=data.tokens // world_size,  # each device's share
+                       note=data.note + f", split over {world_size} devices ({recipe.distributed.strategy})")
+    plan = Plan(target, recipe.model.dtype, world_size, parts, data, _memory(recipe, parts, world_size),
+                recipe.train.gradient_checkpointing, recipe.train.batch_size, recipe.train.response_loss,
+                recipe.quantization.mode != "none")
+    if not plan.fits:
+        plan.change_to_fit = change_to_fit(recipe, parts, budget, world_size)
+    return plan
 
 
 AUTO_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # packed rows of data.max_length tokens
 MIN_BATCH_WITHOUT_CHECKPOINTING = 4  # below this, recomputing activations costs less than tiny batches do
 
 
-def fit_to_memory(recipe: Recipe, parts: "Anatomy", budget: float) -> Recipe:
+def fit_to_memory(recipe: Recipe, parts: Anatomy, budget: int, world_size: int = 1) -> Recipe:
     """Resolve train.batch_size and train.gradient_checkpointing when 'auto': the largest batch that fits the
     budget without checkpointing if that is at least a few rows, else the largest that fits with it."""
     train = recipe.train
@@ -139,15 +196,45 @@ def fit_to_memory(recipe: Recipe, parts: "Anatomy", budget: float) -> Recipe:
     choices = (False, True) if train.gradient_checkpointing == "auto" else (train.gradient_checkpointing,)
     for checkpointing in choices:
         for batch in batches:
-            trial = recipe.model_copy(update={"train": train.model_copy(update={"batch_size": batch})})
-            fits = sum(_memory(trial, parts, checkpointing).values()) <= budget
+            trial = _with_train(recipe, batch_size=batch, gradient_checkpointing=checkpointing)
+            fits = sum(_memory(trial, parts, world_size).values()) <= budget
             enough = checkpointing or len(choices) == 1 or batch >= min(MIN_BATCH_WITHOUT_CHECKPOINTING, batches[0])
             if fits and enough:
-                return recipe.model_copy(update={"train": train.model_copy(update={
-                    "batch_size": batch, "gradient_checkpointing": checkpointing})})
+                return trial
     # nothing fits: the smallest, most frugal setting, and `plan` will say it does not fit
-    return recipe.model_copy(update={"train": train.model_copy(update={
-        "batch_size": batches[-1], "gradient_checkpointing": choices[-1]})})
+    return _with_train(recipe, batch_size=batches[-1], gradient_checkpointing=choices[-1])
+
+
+def change_to_fit(recipe: Recipe, parts: Anatomy, budget: int, world_size: int) -> str:
+    """The usual remedies, cheapest first and each on top of the ones before, until the recipe fits: gradient
+    checkpointing, a smaller batch, a 4-bit base, more GPUs sharing the weights (FSDP)."""
+    def total(trial: Recipe, size: int = world_size) -> int:
+        return sum(_memory(trial, parts, size).values())
+
+    changes, trial = [], recipe
+    if not trial.train.gradient_checkpointing:
+        changes, trial = ["train.gradient_checkpointing: true"], _with_train(trial, gradient_checkpointing=True)
+    for quantize in (False, True):
+        if quantize:
+            if trial.quantization.mode == "4bit":
+                break
+            changes = changes + ["quantization.mode: 4bit (QLoRA)"]
+            trial = trial.model_copy(update={"quantization": trial.quantization.model_copy(update={"mode": "4bit"})})
+        for batch in [trial.train.batch_size] + [b for b in AUTO_BATCHES if b < trial.train.batch_size]:
+            candidate = _with_train(trial, batch_size=batch)
+            if total(candidate) <= budget:
+                smaller = [f"train.batch_size: {batch}"] if batch != recipe.train.batch_size else []
+                return f"{', '.join(changes + smaller)} ({total(candidate) / GIB:.2f} GiB)"
+    sharded = trial.model_copy(update={"distributed": trial.distributed.model_copy(update={"strategy": "fsdp"})})
+    for size in (2, 4, 8, 16, 32, 64):
+        if size > world_size and total(sharded, size) <= budget:
+            return f"{', '.join(changes)}, {size} GPUs with distributed.strategy: fsdp " \
+                   f"({total(sharded, size) / GIB:.2f} GiB each)"
+    return "nothing lora-tune plans for: a smaller model or a larger device"
+
+
+def _with_train(recipe: Recipe, **changes) -> Recipe:
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update=changes)})
 
 
 def model_config(recipe: Recipe, source: str) -> PretrainedConfig:
@@ -172,9 +259,14 @@ def lora_targets(recipe: Recipe, linears: dict, model) -> dict:
             if any(n == t or n.endswith("." + t) for t in recipe.lora.target_modules)}
 
 
-def _memory(recipe: Recipe, parts: Anatomy, checkpointing: bool) -> dict[str, int]:
-    config, params, quantized, lora_params = parts.config, parts.params, parts.quantized, parts.lora_params
-    mode = recipe.quantization.mode
+SHARDED = {"ddp": (), "deepspeed-zero2": ("LoRA + Adam",), "fsdp": ("weights", "quant consts", "LoRA + Adam"),
+           "deepspeed-zero3": ("weights", "quant consts", "LoRA + Adam")}
+
+
+def _memory(recipe: Recipe, parts: Anatomy, world_size: int = 1) -> dict[str, int]:
+    config, params, quantized, lora_params = parts.config.get_text_config(), parts.params, parts.quantized, \
+        parts.lora_params
+    mode, checkpointing = recipe.quantization.mode, recipe.train.gradient_checkpointing
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
     quantized_params = sum(m.weight.numel() for m in quantized.values())
     if mode == "none":
@@ -193,38 +285,46 @@ def _memory(recipe: Recipe, parts: Anatomy, checkpointing: bool) -> dict[str, in
     adapter_bytes = 2 + 2 if mode == "4bit" else 4 + 4
     tokens = recipe.train.batch_size * recipe.data.max_length
     act_bytes = 4 if recipe.model.dtype == "float32" else 2
-    hidden = config.get_text_config().hidden_size
+    hidden, layers = config.hidden_size, config.num_hidden_layers
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    per_layer = (8 * hidden + 5 * inner) * act_bytes  # saved tensors per token per layer (flash/SDPA attention)
-    layers = config.get_text_config().num_hidden_layers
-    if checkpointing:
-        activations = tokens * (layers * hidden * act_bytes + per_layer)
-    else:
-        activations = tokens * layers * per_layer
-    return {
-        "weights": weights,
-        "quant consts": constants,
-        "LoRA + Adam": lora_params * (adapter_bytes + 8),
-        "activations": activations,
-        "logits": tokens * config.get_text_config().vocab_size * (act_bytes + 4 + 4),  # logits, fp32 copy, grad
-    }
+    per_layer = (8 * hidden + 5 * inner) * act_bytes  # saved tensors per token per layer (SDPA attention)
+    if recipe.lora.dropout > 0:  # each LoRA module keeps its own dropped-out copy of its input
+        per_layer += (6 * hidden + inner) * act_bytes
+    activations = tokens * (layers * hidden * act_bytes + per_layer) if checkpointing else tokens * layers * per_layer
+    if recipe.train.response_loss:  # a chunk of logits, and the head's input gradient on response tokens
+        head = CHUNK_ELEMENTS * 4 * 2 + tokens * hidden * 4
+    else:  # logits, their fp32 copy and gradient, for every token
+        head = tokens * config.vocab_size * (act_bytes + 4 + 4)
+    memory = {"weights": weights, "quant consts": constants, "LoRA + Adam": lora_params * (adapter_bytes + 8),
+              "activations": activations, "LM head + loss": head}
+    if world_size > 1:
+        sharded = SHARDED[recipe.distributed.strategy]
+        memory = {name: size // world_size if name in sharded else size for name, size in memory.items()}
+    return memory
 
 
-def _tokens(recipe: Recipe, source: str, tokens: int | None) -> tuple[int | None, str]:
+def _data_shape(recipe: Recipe, source: str, tokens: int | None) -> DataShape:
     train, data = recipe.train, recipe.data
-    if tokens is not None:
-        return tokens, "given"
-    if train.max_steps:
-        step_tokens = train.max_steps * train.batch_size * train.gradient_accumulation * data.max_length
-        return step_tokens, f"{train.max_steps} steps of full packed rows"
-    if data.path in KNOWN_DATA:
-        known = KNOWN_DATA[data.path]
-        total = int(known["rows"] * known["tokens_per_row"] * train.epochs)
-        return total, f"{train.epochs:g} epoch(s) of {known['rows']:,} rows x {known['tokens_per_row']} tokens"
+    known = KNOWN_DATA.get(data.path)
+    share = known["response_share"] if known else DEFAULT_RESPONSE_SHARE
+    per_row = known["tokens_per_row"] if known else data.max_length / 2
     if data.path == BUILTIN_DEMO or is_local(data.path):
         from ..data.prepare import prepare_data
         from ..model.tokenizer import load_tokenizer
 
-        counted = prepare_data(recipe, load_tokenizer(recipe.model, source), source).train_tokens
-        return int(counted * train.epochs), f"{train.epochs:g} epoch(s), counted"
-    return None, "pass --tokens N for a hub data set lora-tune does not know"
+        rows = prepare_data(recipe, load_tokenizer(recipe.model, source), source).train
+        counted = sum(len(row.tokens) for row in rows)
+        share = sum(len(row.tokens.completion_ids) for row in rows) / counted
+        per_row = counted / len(rows)
+        if tokens is None and not train.max_steps:
+            return DataShape(int(counted * train.epochs), f"{train.epochs:g} epoch(s), counted", share, per_row)
+    if tokens is not None:
+        return DataShape(tokens, "given", share, per_row)
+    if train.max_steps:
+        step_tokens = train.max_steps * train.batch_size * train.gradient_accumulation * data.max_length
+        return DataShape(step_tokens, f"{train.max_steps} steps of full packed rows", share, per_row)
+    if known:
+        total = int(known["rows"] * known["tokens_per_row"] * train.epochs)
+        return DataShape(total, f"{train.epochs:g} epoch(s) of {known['rows']:,} rows x {known['tokens_per_row']} "
+                         "tokens", share, per_row)
+    return DataShape(None, "pass --tokens N for a hub data set lora-tune does not know", share, per_row)

@@ -1,8 +1,10 @@
 """Crash safety for training: resuming from the newest sealed checkpoint, sealing them, stopping on a signal, and a
 full disk as one line. The checkpoint layout and the seal belong to run_folder."""
 import errno
+import json
 import shutil
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,15 +12,19 @@ from typing import Callable
 
 from accelerate import PartialState
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
 from ..errors import fail
 from ..run_folder import RunFolder, seal
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, step: int):
-        self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+    """A run stopped by a signal. saved: the stop's own checkpoint was written; else the newest sealed one stands."""
+
+    def __init__(self, signum: int, step: int, saved: bool = True):
+        self.signum, self.step, self.saved = signum, step, saved
+        where = "a checkpoint was saved" if saved else f"checkpoint-{step} is the newest complete one"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
 
 
 def resume_point(partial: RunFolder, recipe_text: str, source: str, log: Callable[[str], None]) -> Path:
@@ -33,6 +39,12 @@ def resume_point(partial: RunFolder, recipe_text: str, source: str, log: Callabl
                    "pass --force to start over")
     log(f"resume: continuing from {checkpoint.name}")
     return checkpoint
+
+
+def completed(checkpoint: Path) -> bool:
+    """Whether the checkpoint holds the run's last step."""
+    state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    return state["global_step"] >= state["max_steps"] > 0
 
 
 class SealCheckpoints(TrainerCallback):
@@ -64,7 +76,11 @@ class StopOnSignal(TrainerCallback):
             signal.signal(signum, handler)
 
     def _note(self, signum, frame):
+        if self.received is not None:  # asked twice: stop now; the newest sealed checkpoint stays the resume point
+            raise KeyboardInterrupt
         self.received = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:

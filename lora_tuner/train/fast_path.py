@@ -15,10 +15,13 @@ CPU_BATCH = 2  # packed rows: measured fastest on CPU (benchmarks/train_throughp
 def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
     """The recipe with every 'auto' replaced by a decision, and one line per decision."""
     train, cuda = recipe.train, torch.cuda.is_available()
-    if recipe.distributed.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise fail(source, "distributed.strategy", f"{recipe.distributed.strategy!r} needs the deepspeed package",
-                   "pip install deepspeed, or use ddp or fsdp")
     notes = []
+    if cuda and not torch.cuda.is_bf16_supported():
+        for field, value in (("model.dtype", recipe.model.dtype),
+                             ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
+            if value == "bfloat16":
+                raise fail(source, field, f"'bfloat16', which {torch.cuda.get_device_name()} does not compute",
+                           f"set {field}: auto (float16 there) or float16")
     dtype, why = (recipe.model.dtype, "recipe") if recipe.model.dtype != "auto" else native_dtype()
     compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
     recipe = recipe.model_copy(update={

@@ -1,12 +1,16 @@
 """`lora-tune run`: recipe -> checked data -> base model + LoRA -> trainer -> a complete run folder."""
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import PartialState
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 from ..atomic_folder import AtomicFolder
 from ..config import Recipe, dump_recipe
@@ -18,8 +22,9 @@ from ..model.loading import build_random_base, check_base_source, load_base
 from ..model.lora import attach_lora
 from ..model.packing_check import packing_is_isolated
 from ..model.tokenizer import load_tokenizer
+from ..preflight import check_environment, check_model_fit
 from ..run_folder import RunFolder, RunManifest
-from .checkpoints import Interrupted, StopOnSignal, disk_full_is_a_user_error, resume_point
+from .checkpoints import Interrupted, StopOnSignal, completed, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
 from .manifest import now, run_manifest
 from .methods import make_trainer
@@ -66,10 +71,12 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
                           resumable=lambda partial: RunFolder(partial).newest_sealed_checkpoint(_quiet) is not None)
     folder.check_free(force, resume)  # read-only checks run on every rank, so all ranks stop on bad input
     check_base_source(recipe.model, source)
+    check_environment(recipe, source)
     recipe, fast_path = resolve_fast_path(recipe, source)
     work = RunFolder(folder.partial)
     checkpoint = resume_point(work, dump_recipe(recipe), source, log) if resume else None
     tokenizer = load_tokenizer(recipe.model, source)
+    check_model_fit(recipe, source, tokenizer)
     data = prepare_data(recipe, tokenizer, source)
     if data.dropped:
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
@@ -81,9 +88,12 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     try:
         model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks,
                                  list(callbacks))
-    except (UserError, KeyboardInterrupt):
-        if not resume and ranks.is_main_process and not work.has_checkpoints():
+    except (UserError, KeyboardInterrupt) as stopped:
+        newest = work.newest_sealed_checkpoint(_quiet) if work.path.exists() else None
+        if ranks.is_main_process and not resume and newest is None:
             folder.discard()  # refused or stopped before the first checkpoint: leave nothing behind
+        if isinstance(stopped, KeyboardInterrupt) and newest is not None:
+            raise Interrupted(signal.SIGINT, int(newest.name.removeprefix("checkpoint-")), saved=False) from None
         raise
     if ranks.is_main_process:
         folder.finish()
@@ -110,9 +120,10 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
         base_path = recipe.model.name_or_path
         base = load_base(recipe.model, recipe.quantization, base_path, source, sharded)
     attention = base.config._attn_implementation
-    fast_path = fast_path + [f"attention {attention} (" + ("recipe" if recipe.model.attn_implementation != "auto" else
-                             "auto: each packed example attends over its own span only" if attention == "packed_sdpa"
-                             else "auto: transformers' choice for this architecture") + ")"]
+    why = "recipe" if recipe.model.attn_implementation != "auto" else \
+        "auto: each packed example attends over its own span only" if attention == "packed_sdpa" else \
+        "auto: transformers' choice for this architecture"
+    fast_path = fast_path + [f"attention {attention} ({why})"]
     if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
         raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
                    f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
@@ -125,11 +136,17 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
         trainer.add_callback(callback)
     if checkpoint and ranks.is_main_process:
         work.forget_metrics_after(int(checkpoint.name.removeprefix("checkpoint-")))
-    with StopOnSignal() as stop, disk_full_is_a_user_error(work, source):
-        trainer.add_callback(stop)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stop.received is not None:
-        raise Interrupted(stop.received, trainer.state.global_step)
+    if checkpoint and completed(checkpoint):
+        # Stopped after its last step was sealed (while saving the adapter): the run is done, so it is finished
+        # from that checkpoint; train() would take one step more.
+        trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        set_peft_model_state_dict(model, load_file(str(checkpoint / RunFolder.ADAPTER_WEIGHTS)))
+    else:
+        with StopOnSignal() as stop, disk_full_is_a_user_error(work, source):
+            trainer.add_callback(stop)
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.received is not None:
+            raise Interrupted(stop.received, trainer.state.global_step)
     # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if not ranks.is_main_process:

@@ -51,8 +51,8 @@ class LoraTuneSFTTrainer(SFTTrainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), torch.autocast(self.model.device.type, dtype=self._dtype,
-                                                  enabled=self.args.bf16 or self.args.fp16):
+            mixed = self.args.bf16 or self.args.fp16
+            with torch.no_grad(), torch.autocast(self.model.device.type, dtype=self._dtype, enabled=mixed):
                 own = self.model(**batch, use_cache=False).loss.float()
                 ours = self._response_loss(self.model, batch, None)[0]
         except TypeError:  # an architecture whose forward has no logits_to_keep
