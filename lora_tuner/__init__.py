@@ -10,7 +10,7 @@ import importlib
 # `lora-tune merge` or `validate` should not pay for what only training needs.
 _API = {
     "Recipe": ".config", "load_recipe": ".config", "UserError": ".errors", "check_recipe": ".preflight",
-    "RunResult": ".train", "run": ".train", "merge": ".export", "AdapterPool": ".adapters",
+    "RunResult": ".train.run", "run": ".train.run", "merge": ".export", "AdapterPool": ".adapters",
 }
 __all__ = sorted(_API)
 

@@ -70,7 +70,7 @@ def run(recipe, output, overrides, force, resume):
       lora-tune run recipes/demo-tiny-cpu.yaml --resume      # after a crash or Ctrl-C
     """
     from .config import load_recipe
-    from .train import run as train_run
+    from .train.run import run as train_run
     from .train.checkpoints import Interrupted
 
     try:
@@ -159,6 +159,41 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify, verify_
         click.echo(f"verified against the {v.reference} on {v.rows} {'held-out' if v.held_out else 'training'} rows: "
                    f"loss {v.loss_export:.4f} (adapter {v.loss_adapter:.4f}, base {v.loss_base:.4f}){kept}; "
                    f"top-1 agreement {v.top1_agreement:.1%}, mean KL {v.mean_kl:.2e}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(file_okay=False, exists=True))
+@click.option("--format", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True,
+              help="Export format (safetensors: use lora-tune merge).")
+@click.option("--type", "kind", type=click.Choice(["f16", "bf16", "q8_0", "q4_0"]), default="q8_0",
+              show_default=True, help="GGUF tensor type: f16/bf16 keep the merged weights, q8_0/q4_0 quantize them.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--into", type=click.Choice(["auto", "original", "dequantized"]), default="auto", show_default=True,
+              help="For a QLoRA run folder: what the adapter is merged into (as lora-tune merge).")
+@click.option("--no-verify", is_flag=True, help="Skip reading the GGUF back and comparing it with the merged model.")
+@click.option("--verify-rows", type=click.IntRange(1), help="Held-out rows to verify on (default 16).")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@user_errors
+def export(source, target, kind, out, into, no_verify, verify_rows, force):
+    """Write SOURCE (a run folder, merged first, or a merged export) as one GGUF file for llama.cpp, Ollama and
+    GPT4All, with an Ollama Modelfile beside it.
+
+    \b
+    Examples:
+      lora-tune export adapters/smollm2-135m-alpaca --type q8_0 --out smollm2-alpaca.gguf
+      ollama create smollm2-alpaca -f smollm2-alpaca.Modelfile
+      llama-cli -m smollm2-alpaca.gguf -cnv
+    """
+    from .export.gguf_export import export_gguf
+
+    report = export_gguf(source, out, kind=kind, into=into, verify=not no_verify, verify_rows=verify_rows, force=force)
+    click.echo(f"exported {report.file}  ({report.type}, {report.bytes / 1e6:,.0f} MB, {report.seconds:.1f} s)")
+    click.echo(f"ollama   ollama create NAME -f {report.modelfile}")
+    v = report.verification
+    if v is not None:
+        click.echo(f"verified read back by transformers' GGUF loader on {v.rows} held-out rows: top-1 agreement "
+                   f"{v.top1_agreement:.1%} with the merged model, mean KL {v.mean_kl:.2e}, tokenizer round trip "
+                   f"{'ok' if v.tokenizer_round_trip else 'FAILED'}")
 
 
 @main.command(name="import-gguf")

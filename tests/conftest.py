@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lora_tuner.config.schema import ModelSection
@@ -98,3 +99,26 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounts:
         subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: this process may still hold a file open
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_llama(tmp_path_factory):
+    """A tiny LLaMA (GQA, untied head) saved with a small byte-level BPE tokenizer trained here: the byte tokenizer
+    has no merges, which GGUF readers require."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("bpe-llama")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [f"{row['instruction']} {row['input']} {row['output']}" for row in demo_tasks(2000, seed=3)]
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = {**CONFIGS["llama"], "vocab_size": 320, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

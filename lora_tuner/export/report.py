@@ -35,3 +35,26 @@ class MergeReport(Record):
     base_quantization: str
     recipe_sha256: str | None
     verification: Verification | None  # None with --no-verify
+
+
+class GgufVerification(Record):
+    rows: int
+    tokens: int
+    top1_agreement: float  # with the merged model, both computed in float32
+    mean_kl: float
+    max_abs_logit_diff: float
+    tokenizer_round_trip: bool  # the GGUF's vocabulary encodes the sample text to the same ids
+    min_top1: float  # the threshold for this type
+    passed: bool
+
+
+class ExportReport(Record):
+    source: str
+    merged_on_the_fly: bool  # SOURCE was a run folder, merged (as lora-tune merge does) into a temporary folder
+    file: str
+    type: str
+    bytes: int
+    seconds: float
+    chat_template: bool  # the GGUF carries the training prompt as its chat template
+    modelfile: str  # the Ollama Modelfile written beside it
+    verification: GgufVerification | None

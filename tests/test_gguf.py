@@ -1,0 +1,76 @@
+"""GGUF export: a file transformers' own GGUF reader loads back to the merged model, with the training prompt."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from conftest import CONFIGS, recipe_dict, write_recipe
+from lora_tuner import load_recipe, run
+from lora_tuner.cli import main
+from lora_tuner.export.gguf_export import export_gguf
+from lora_tuner.export.gguf_writer import rotary_permute
+
+pytestmark = pytest.mark.slow  # trains and exports
+
+
+def test_rotary_permutation_interleaves_each_heads_halves():
+    rows = torch.arange(8).float().unsqueeze(1)  # two heads of four rows: halves (0, 1 | 2, 3) and (4, 5 | 6, 7)
+    assert rotary_permute(rows, heads=2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory, tiny_bpe_llama, alpaca_file):
+    folder = tmp_path_factory.mktemp("bpe-run")
+    # bf16 as users train (dtype auto on CPUs and GPUs with bf16): its merge exports to fp16 nearly exactly
+    recipe = recipe_dict(str(tiny_bpe_llama), alpaca_file, train={"max_steps": 20}, lora={"rank": 4},
+                         model={"dtype": "bfloat16"})
+    return run(load_recipe(write_recipe(folder, recipe)), output=str(folder / "run")).folder
+
+
+def test_a_run_folder_exports_to_a_gguf_that_reads_back_as_the_merged_model(bpe_run, tmp_path):
+    out = tmp_path / "model.gguf"
+    result = CliRunner().invoke(main, ["export", str(bpe_run), "--type", "f16", "--out", str(out), "--verify-rows", "8"])
+    assert result.exit_code == 0, result.output[-3000:]
+    report = json.loads(out.with_suffix(".export_report.json").read_text())
+    v = report["verification"]
+    # f16 holds the merged fp16 weights exactly: same top-1 everywhere, and the vocabulary encodes text alike
+    assert v["top1_agreement"] == 1.0 and v["max_abs_logit_diff"] < 1e-4 and v["tokenizer_round_trip"]
+    assert report["merged_on_the_fly"] and not list(tmp_path.glob(".*"))  # temporary files gone
+    reader = GGUFReader(out)
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" in names  # an untied head is written
+    assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 1} == {"F32"}
+    template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert template == (bpe_run / "chat_template.jinja").read_text()  # the training prompt travels
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert "{{ .Prompt }}" in modelfile and "### Instruction:" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+
+
+def test_q8_0_and_q4_0_quantize_matrices_and_keep_norms(bpe_run, tmp_path):
+    for kind, embedding in (("q8_0", "Q8_0"), ("q4_0", "Q8_0")):
+        out = tmp_path / f"{kind}.gguf"
+        export_gguf(bpe_run, out, kind=kind, verify=False)
+        types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+        assert types["blk.0.attn_q.weight"] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
+        assert types["token_embd.weight"] == embedding  # the embedding stays at q8_0 in a q4_0 file
+
+
+def test_tied_embeddings_write_no_output_head(tmp_path, tiny_bpe_llama):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = {**CONFIGS["llama"], "vocab_size": 320, "tie_word_embeddings": True}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_bpe_llama).save_pretrained(tmp_path / "tied")
+    report = export_gguf(tmp_path / "tied", tmp_path / "tied.gguf", kind="f16", verify_rows=4)
+    assert report.verification.passed
+    assert "output.weight" not in {t.name for t in GGUFReader(tmp_path / "tied.gguf").tensors}
+
+
+def test_other_architectures_are_refused_in_one_line(tmp_path, tiny_base):
+    result = CliRunner().invoke(main, ["export", tiny_base("gptj"), "--out", str(tmp_path / "x.gguf")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "GPTJForCausalLM" in errors[0] and "LLaMA-family" in errors[0] and "convert_hf_to_gguf" in errors[0]
+    assert not list(tmp_path.iterdir())
