@@ -2,6 +2,7 @@
 time, checked against the model's config (when it is local, known or given) and the installed packages. `lora-tune
 validate` runs all of it; `lora-tune run` runs the same checks before it creates the run folder."""
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -78,8 +79,10 @@ def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
     if tokenizer is not None and len(tokenizer) > text.vocab_size:
         raise fail(source, "model.tokenizer", f"the tokenizer has {len(tokenizer):,} tokens, the model's embedding "
                    f"{text.vocab_size:,}", "use the model's own tokenizer, or one no larger than its vocabulary")
+    model = meta_model(config)
+    if recipe.model.init == "pretrained" and is_local(recipe.model.name_or_path):
+        _weights_fit(model, Path(recipe.model.name_or_path), source)
     if recipe.lora.target_modules != "all-linear":
-        model = meta_model(config)
         names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                  if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)) or type(module).__name__ == "Conv1D"}
         missing = [t for t in recipe.lora.target_modules if t.rsplit(".", 1)[-1] not in names]
@@ -87,3 +90,21 @@ def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
             raise fail(source, "lora.target_modules", f"{show(missing)} name no linear layer of "
                        f"{type(model).__name__}", f"use all-linear or some of {sorted(names)}")
     return []
+
+
+def _weights_fit(model, folder: Path, source: str) -> None:
+    """The saved tensors have the shapes the config describes (transformers would stop on a size mismatch)."""
+    from .export.base_reader import base_shards
+    from .export.safetensors_layout import read_header
+
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    try:
+        shards = base_shards(folder, source)
+    except UserError:  # pickled weights (allowed by the recipe): not readable without loading them
+        return
+    for shard in shards:
+        for name, info in read_header(shard)[1].items():
+            if name in expected and info["shape"] != expected[name]:
+                raise fail(source, "model.name_or_path", f"{name!r} in {str(shard)!r} has shape {info['shape']}, "
+                           f"config.json says {expected[name]}", "the weights and config.json belong to different "
+                           "models: re-save the model with save_pretrained")

@@ -126,12 +126,24 @@ class RunFolder:
     def write_manifest(self, manifest: RunManifest) -> None:
         (self.path / self.MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
+    def adapter_config(self) -> dict:
+        """adapter_config.json, or one line saying why it cannot be read."""
+        path = self.path / self.ADAPTER_CONFIG
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise fail(str(self.path), self.ADAPTER_CONFIG, f"is not valid JSON ({str(exc).splitlines()[0][:80]})",
+                       "re-save the adapter with save_pretrained") from None
+        if not isinstance(config, dict) or not isinstance(config.get("lora_alpha", 0), (int, float)):
+            raise fail(str(self.path), self.ADAPTER_CONFIG, "is not a PEFT adapter config",
+                       "re-save the adapter with save_pretrained")
+        return config
+
     def base_model(self) -> str | None:
         """The base the adapter belongs to: the run's record, else the adapter config's."""
         if self.is_run:
             return self.manifest().base_model.name_or_path
-        config = self.path / self.ADAPTER_CONFIG
-        return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
+        return self.adapter_config().get("base_model_name_or_path") if self.has_adapter else None
 
     # metrics
     def metrics(self) -> list[dict]:

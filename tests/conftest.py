@@ -84,13 +84,15 @@ def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> str:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """size in bytes -> a fresh tmpfs that small, so writing past it fails with ENOSPC (needs root: else skip)."""
+    """size in bytes -> a fresh tmpfs that small, so writing past it fails with ENOSPC; read_only: a tmpfs mounted
+    read-only (needs root: else skip)."""
     mounts = []
 
-    def mount(size: int) -> Path:
+    def mount(size: int, read_only: bool = False) -> Path:
         folder = tmp_path / f"small-{len(mounts)}"
         folder.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        options = f"size={size}" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                           capture_output=True).returncode != 0:
             pytest.skip("cannot mount a tmpfs here (needs root)")
         mounts.append(folder)

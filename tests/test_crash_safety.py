@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
+from lora_tuner.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
@@ -95,6 +96,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr[-2000:]
     assert f"stopped by {signum.name}" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert "stopping after this step" in stderr  # acknowledged at once
     checkpoints = out.parent / ".run.partial" / "checkpoints"
     newest = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "COMPLETE").exists())
     assert newest > 10  # the stop saved its own checkpoint, after the last scheduled one
@@ -123,3 +125,57 @@ def test_full_disk_gives_one_line_and_keeps_the_last_checkpoint(small_disk):
     checkpoint = disk / ".run.partial" / "checkpoints" / kept
     assert (checkpoint / "COMPLETE").is_file()
     assert load_file(str(checkpoint / "adapter_model.safetensors"))  # readable, complete
+
+
+def test_killed_while_saving_after_the_last_checkpoint_finishes_without_training_again(tmp_path, uninterrupted):
+    """As if killed in the final save: its last checkpoint sealed, the adapter and run.json not yet written.
+    --resume finishes from that checkpoint: no step 51, the uninterrupted run's adapter."""
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["run", DEMO, "--output", str(out), *SHORT]).exit_code == 0
+    partial = tmp_path / ".run.partial"
+    out.rename(partial)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "run.json", "loss.png"):
+        (partial / name).unlink()
+    result = resume(out)
+    assert result.exit_code == 0, result.output[-2000:]
+    steps = [row["step"] for row in RunFolder(out).metrics()]
+    assert max(steps) == 50 and RunFolder(out).manifest().train.steps == 50
+    assert max_diff(adapter(out), uninterrupted) == 0
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    process = start_run(out)
+    partial = tmp_path / ".run.partial"
+    deadline = time.time() + 120
+    while not partial.exists():  # the run folder is created after the data is checked, before the model loads
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+    assert not partial.exists() and not out.exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    process = start_run(out)
+    wait_for_checkpoint(process, out, 10)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopping after this step" in stderr and "--resume" in stderr  # acknowledged, and how to go on
+    result = resume(out)
+    assert result.exit_code == 0, result.output[-2000:]
+    assert max_diff(adapter(out), uninterrupted) <= 1e-6
+
+
+def test_an_unfinished_run_with_nothing_sealed_does_not_block_a_rerun(tmp_path):
+    partial = tmp_path / ".run.partial"
+    (partial / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # cut off before it was sealed
+    result = CliRunner().invoke(main, ["run", DEMO, "--output", str(tmp_path / "run"), "--set", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output[-2000:]
+    assert not partial.exists() and (tmp_path / "run" / "adapter_model.safetensors").is_file()

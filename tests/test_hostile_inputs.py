@@ -1,7 +1,11 @@
-"""Hostile or broken input to run, merge and generate: one clear line, exit code 2, the output left untouched."""
+"""Hostile or broken input to validate, run, merge, export, eval, generate and import: one clear line naming the file
+or field, the value and the fix, exit code 2, and every output left as it was. One table, one case per row."""
 import json
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -13,13 +17,42 @@ from transformers import AutoModelForCausalLM
 from conftest import CONFIGS, recipe_dict, write_recipe
 from lora_tuner.cli import main
 
-
-def copy_base(tiny_base, tmp: Path, name="base") -> Path:
-    return Path(shutil.copytree(tiny_base("llama"), tmp / name))
+MAX_SECONDS = 5  # no refusal may take longer (acceptance of the hostile-input issue)
 
 
-def truncate(path: Path) -> None:
+@dataclass
+class Ctx:
+    tmp: Path
+    base: Callable[..., str]  # kind -> tiny base folder
+    alpaca: str
+    disk: Callable[..., Path]  # size, read_only -> a small tmpfs
+
+    def recipe(self, base=None, **sections) -> str:
+        return write_recipe(self.tmp, recipe_dict(str(base or self.base("llama")), self.alpaca, **sections))
+
+    def run(self, base=None, *extra, **sections) -> list[str]:
+        return ["run", self.recipe(base, **sections), "--output", str(self.tmp / "out"), *extra]
+
+    def validate(self, *extra, **sections) -> list[str]:
+        return ["validate", self.recipe(**sections), *extra]
+
+    def merge(self, adapter, base=None, *extra) -> list[str]:
+        return ["merge", str(adapter), "--out", str(self.tmp / "out"), "--base", str(base or self.base("llama")),
+                *extra]
+
+    def file(self, name: str, content: str | bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+
+def copy_base(c: Ctx, name="base") -> Path:
+    return Path(shutil.copytree(c.base("llama"), c.tmp / name))
+
+
+def truncate(path: Path) -> Path:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
 
 
 def adapter_for(base_folder, out: Path, **lora) -> Path:
@@ -29,105 +62,213 @@ def adapter_for(base_folder, out: Path, **lora) -> Path:
     return out
 
 
-def other_size_base(tmp: Path) -> Path:
+def edited_adapter(c: Ctx, edit: Callable[[Path], None]) -> Path:
+    folder = adapter_for(c.base("llama"), c.tmp / "adapter")
+    edit(folder)
+    return folder
+
+
+def drop_lora_b(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    del tensors[next(name for name in tensors if "lora_B" in name)]
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def mismatched_rank(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    name = next(name for name in tensors if "lora_A" in name)
+    tensors[name] = torch.zeros(3, tensors[name].shape[1])
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def other_size_base(c: Ctx) -> Path:
     model = AutoModelForCausalLM.from_config(
         __import__("transformers").AutoConfig.for_model(**{**CONFIGS["llama"], "hidden_size": 96}))
-    model.save_pretrained(tmp / "wide")
-    return tmp / "wide"
+    model.save_pretrained(c.tmp / "wide")
+    return c.tmp / "wide"
 
 
-def run_args(tmp, tiny_base, alpaca, base=None, **sections):
-    recipe = recipe_dict(str(base or tiny_base("llama")), alpaca, **sections)
-    return ["run", write_recipe(tmp, recipe), "--output", str(tmp / "out")]
-
-
-def merge_args(tmp, tiny_base, adapter, base=None, *extra):
-    return ["merge", str(adapter), "--out", str(tmp / "out"), "--base", str(base or tiny_base("llama")), *extra]
-
-
-def remote_code_base(tiny_base, tmp):
-    base = copy_base(tiny_base, tmp)
+def edited_config(c: Ctx, **changes) -> Path:
+    base = copy_base(c)
     config = json.loads((base / "config.json").read_text())
-    config.update(model_type="custom_thing", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    config.update(changes)
     (base / "config.json").write_text(json.dumps(config))
     return base
 
 
-def pickled_base(tiny_base, tmp):
-    base = copy_base(tiny_base, tmp)
+def shapes_not_config(c: Ctx) -> Path:
+    """Weights of a wider model under the tiny model's config.json."""
+    base = copy_base(c)
+    shutil.copy(other_size_base(c) / "model.safetensors", base / "model.safetensors")
+    return base
+
+
+def pickled_base(c: Ctx) -> Path:
+    base = copy_base(c)
     (base / "model.safetensors").rename(base / "pytorch_model.bin")
     return base
 
 
-def fp8_base(tiny_base, tmp):
-    base = copy_base(tiny_base, tmp)
+def fp8_base(c: Ctx) -> Path:
+    base = copy_base(c)
     tensors = load_file(base / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     return base
 
 
-def pickled_adapter(tiny_base, tmp):
-    folder = adapter_for(tiny_base("llama"), tmp / "adapter")
-    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    return folder
-
-
-def unfinished(tmp, args, recipe_text="model: {}\n"):
+def unfinished(c: Ctx, args: list[str], recipe_text="model: {}\n") -> list[str]:
     """An unfinished run with a sealed checkpoint to continue from."""
-    partial = tmp / ".out.partial"
+    partial = c.tmp / ".out.partial"
     (partial / "checkpoints" / "checkpoint-5").mkdir(parents=True)
     (partial / "checkpoints" / "checkpoint-5" / "COMPLETE").write_text("ok\n")
     (partial / "recipe.yaml").write_text(recipe_text)
     return args
 
 
-# id -> (build argv, fragments of the one error line)
+def alias_bomb(c: Ctx) -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    return c.file("bomb.yaml", "\n".join(lines) + "\nmodel: {name_or_path: *i}\n")
+
+
+def yaml_with(c: Ctx, text: str) -> str:
+    base = c.base("llama")
+    return c.file("r.yaml", f"model: {{name_or_path: {base}}}\ndata: {{path: {c.alpaca}}}\noutput: {{name: r}}\n" + text)
+
+
+TEMPLATE = {"with_input": "I: {instruction}\nX: {input}\nA:", "without_input": "I: {instruction}\nA:"}
+
+# id -> (argv builder, fragments the single error line must hold: the file or field, the value, the fix)
 CASES = {
-    "truncated-base": (lambda t, b, a: run_args(t, b, a, base=(lambda p: (truncate(p / "model.safetensors"), p)[1])(
-        copy_base(b, t))), ["model.name_or_path", "truncated or not a safetensors file"]),
-    "garbage-base": (lambda t, b, a: run_args(t, b, a, base=(lambda p: ((p / "model.safetensors").write_bytes(
-        b"\x00" * 64), p)[1])(copy_base(b, t))), ["model.name_or_path", "truncated or not a safetensors file"]),
-    "pickled-base": (lambda t, b, a: run_args(t, b, a, base=pickled_base(b, t)), ["model.allow_pickle", "pickled"]),
-    "remote-code": (lambda t, b, a: run_args(t, b, a, base=remote_code_base(b, t)),
-                    ["model.trust_remote_code", "auto_map", "trust_remote_code: true"]),
-    "escaping-name": (lambda t, b, a: run_args(t, b, a, output={"name": "../../etc"}), ["output.name", "../../etc"]),
-    "absurd-rank": (lambda t, b, a: run_args(t, b, a, lora={"rank": 10**6}), ["lora.rank", "1000000"]),
-    "absurd-length": (lambda t, b, a: run_args(t, b, a, data={"max_length": 10**9}),
-                      ["data.max_length", "1000000000"]),
-    "not-utf8-data": (lambda t, b, a: run_args(t, b, a, data={"path": (lambda p: (p.write_bytes(b"\xff\xfe[]"), str(p))[
-        1])(t / "latin.json")}), ["data.path", "not UTF-8"]),
-    "finished-run": (lambda t, b, a: ((t / "out").mkdir(), (t / "out" / "run.json").write_text("{}"),
-                                      run_args(t, b, a))[2], ["output", "already holds a run", "--force"]),
-    "unfinished-run": (lambda t, b, a: unfinished(t, run_args(t, b, a)),
-                       ["an unfinished run", "--resume", "--force"]),
-    "resume-nothing": (lambda t, b, a: run_args(t, b, a) + ["--resume"], ["--resume", "no unfinished run"]),
-    "resume-other-recipe": (lambda t, b, a: unfinished(t, run_args(t, b, a) + ["--resume"]),
-                            ["--resume", "another recipe"]),
-    "deepspeed-missing": (lambda t, b, a: run_args(t, b, a, distributed={"strategy": "deepspeed-zero3"}),
+    # recipes: values that used to pass validate and break later
+    "alpha-inf": (lambda c: c.validate(lora={"alpha": float("inf")}), ["lora.alpha", "finite", "inf"]),
+    "alpha-nan": (lambda c: c.run(lora={"alpha": float("nan")}), ["lora.alpha", "finite"]),
+    "warmup-inf": (lambda c: c.run(train={"warmup": float("inf")}), ["train.warmup", "finite"]),
+    "validation-size-inf": (lambda c: c.run(data={"validation_size": float("inf")}), ["data.validation_size", "finite"]),
+    "seed-too-large": (lambda c: c.run(train={"seed": 99999999999999}), ["train.seed", "99999999999999"]),
+    "seed-negative": (lambda c: c.validate(train={"seed": -1}), ["train.seed", "-1"]),
+    "wandb-missing": (lambda c: c.run(train={"report_to": ["wandb"]}),
+                      ["train.report_to", "'wandb' is not installed", "pip install wandb"]),
+    "flash-attn-missing": (lambda c: c.run(model={"attn_implementation": "flash_attention_2"}),
+                           ["model.attn_implementation", "flash-attn", "use auto"]),
+    "liger-without-gpu": (lambda c: c.validate(train={"liger": True}), ["train.liger", "liger-kernel", "auto"]),
+    "no-such-target-module": (lambda c: c.run(lora={"target_modules": ["nonexistent_proj"]}),
+                              ["lora.target_modules", "nonexistent_proj", "q_proj"]),
+    "template-typo": (lambda c: c.run(data={"template": {**TEMPLATE, "without_input": "I: {instrucion}\nA:"}}),
+                      ["data.template", "{instrucion}", "{instruction}"]),
+    "template-unknown-slot": (lambda c: c.validate(data={"template": {**TEMPLATE,
+                                                                      "with_input": "{bogus} {instruction} {input}"}}),
+                              ["data.template", "{bogus}"]),
+    "template-no-input-slot": (lambda c: c.validate(data={"template": {**TEMPLATE, "with_input": "I: {instruction}"}}),
+                               ["data.template", "no {input} placeholder"]),
+    "heads-do-not-divide": (lambda c: c.validate(model={"init": "random", "tokenizer": "bytes", "name_or_path": None,
+                                                        "config": {**CONFIGS["llama"], "num_attention_heads": 5}}),
+                            ["model.config", "attention heads (5)", "model_type"]),
+    "kv-heads-do-not-divide": (lambda c: c.validate(model={"init": "random", "tokenizer": "bytes", "name_or_path": None,
+                                                           "config": {**CONFIGS["llama"], "num_key_value_heads": 3}}),
+                               ["model.config", "num_key_value_heads", "divides"]),
+    "longer-than-positions": (lambda c: c.validate(data={"max_length": 4096}), ["data.max_length", "4096", "512"]),
+    "tokenizer-larger-than-vocab": (lambda c: c.validate(model={"tokenizer": str(
+        Path(__file__).resolve().parents[2] / "shared/tokenizers/llama/tokenizer.model")}),
+        ["model.tokenizer", "32,000 tokens", "288"]),
+    "duplicate-section": (lambda c: ["validate", yaml_with(c, "train: {max_steps: 1}\ntrain: {max_steps: 2}\n")],
+                          ["duplicate key 'train'", "line", "give each key once"]),
+    "duplicate-key": (lambda c: ["validate", yaml_with(c, "lora: {rank: 4, rank: 8}\n")], ["duplicate key 'rank'"]),
+    "alias-bomb": (lambda c: ["validate", alias_bomb(c)], ["expands to", "aliases", "remove the nested aliases"]),
+    "set-malformed": (lambda c: c.validate("--set", "train.max_steps=[1,"),
+                      ["--set", "train.max_steps", "'[1,'", "quote it"]),
+    "set-no-equals": (lambda c: c.validate("--set", "train.max_steps"), ["--set", "expected KEY=VALUE"]),
+    "set-inside-a-value": (lambda c: c.validate("--set", "train.seed=1", "--set", "train.seed.x=1"),
+                           ["train.seed.x", "cannot set inside"]),
+    "no-such-bundled-recipe": (lambda c: ["validate", "no-such-recipe"],
+                               ["no-such-recipe", "no bundled recipe", "demo-tiny-cpu"]),
+    "escaping-name": (lambda c: c.run(output={"name": "../../etc"}), ["output.name", "../../etc"]),
+    "absurd-rank": (lambda c: c.run(lora={"rank": 10**6}), ["lora.rank", "1000000"]),
+    "absurd-length": (lambda c: c.run(data={"max_length": 10**9}), ["data.max_length", "1000000000"]),
+    # data files
+    "not-utf8-data": (lambda c: c.run(data={"path": c.file("latin.json", b"\xff\xfe[]")}), ["data.path", "not UTF-8"]),
+    "data-is-a-folder": (lambda c: c.run(data={"path": str(c.tmp)}), ["data.path", "is a folder", "check the path"]),
+    "empty-json-file": (lambda c: c.run(data={"path": c.file("empty.json", "")}), ["data.path", "not valid JSON"]),
+    "jsonl-bad-line": (lambda c: c.validate(data={"path": c.file("rows.jsonl",
+                                                                 '{"instruction": "a", "output": "b"}\n{\n')}),
+                       ["data.path", "line 2", "not valid JSON"]),
+    "parquet-garbage": (lambda c: c.validate(data={"path": c.file("rows.parquet", b"not parquet at all")}),
+                        ["data.path", "not a readable parquet file", ".jsonl"]),
+    "chat-rows-not-lists": (lambda c: c.validate(data={"format": "chat", "path": c.file(
+        "chat.json", json.dumps([{"messages": "hi"}] * 3))}), ["data", "no usable rows", "'messages' is not a list"]),
+    # model folders
+    "truncated-base": (lambda c: c.run(base=(lambda p: (truncate(p / "model.safetensors"), p)[1])(copy_base(c))),
+                       ["model.name_or_path", "truncated or not a safetensors file"]),
+    "garbage-base": (lambda c: c.run(base=(lambda p: ((p / "model.safetensors").write_bytes(b"\x00" * 64), p)[1])(
+        copy_base(c))), ["model.name_or_path", "truncated or not a safetensors file"]),
+    "config-not-json": (lambda c: c.run(base=(lambda p: ((p / "config.json").write_text("{nope"), p)[1])(copy_base(c))),
+                        ["config.json", "not valid JSON", "save_pretrained"]),
+    "unknown-model-type": (lambda c: c.run(base=edited_config(c, model_type="no_such_arch")),
+                           ["model.name_or_path", "'no_such_arch'", "upgrade transformers"]),
+    "weights-of-another-config": (lambda c: c.run(base=shapes_not_config(c)),
+                                  ["model.name_or_path", "has shape", "config.json says", "re-save"]),
+    "pickled-base": (lambda c: c.run(base=pickled_base(c)), ["model.allow_pickle", "pickled"]),
+    "remote-code": (lambda c: c.run(base=edited_config(c, model_type="custom_thing", auto_map={
+        "AutoModelForCausalLM": "modeling_custom.CustomModel"})), ["model.trust_remote_code", "auto_map",
+                                                                   "trust_remote_code: true"]),
+    "model-path-is-a-file": (lambda c: c.run(base=c.alpaca), ["model.name_or_path", "not a model folder"]),
+    "tokenizer-missing": (lambda c: c.run(model={"tokenizer": str(c.tmp / "nowhere")}),
+                          ["model.tokenizer", "nowhere", "not found", "check the path"]),
+    # output paths and unfinished runs
+    "finished-run": (lambda c: ((c.tmp / "out").mkdir(), (c.tmp / "out" / "run.json").write_text("{}"), c.run())[2],
+                     ["output", "already holds a run", "--force"]),
+    "unfinished-run": (lambda c: unfinished(c, c.run()), ["an unfinished run", "--resume", "--force"]),
+    "resume-nothing": (lambda c: c.run(None, "--resume"), ["--resume", "no unfinished run"]),
+    "resume-other-recipe": (lambda c: unfinished(c, c.run(None, "--resume")), ["--resume", "another recipe"]),
+    "read-only-output": (lambda c: ["run", c.recipe(), "--output", str(c.disk(2**20, read_only=True) / "run")],
+                         ["output", "cannot write", "Read-only file system", "writable"]),
+    "deepspeed-missing": (lambda c: c.run(distributed={"strategy": "deepspeed-zero3"}),
                           ["distributed.strategy", "pip install deepspeed"]),
-    "truncated-adapter": (lambda t, b, a: merge_args(t, b, (lambda p: (truncate(p / "adapter_model.safetensors"), p)[1])(
-        adapter_for(b("llama"), t / "adapter"))), ["adapter", "truncated or not a safetensors file"]),
-    "pickled-adapter": (lambda t, b, a: merge_args(t, b, pickled_adapter(b, t)), ["adapter", "adapter_model.bin"]),
-    "adapter-other-size": (lambda t, b, a: merge_args(t, b, adapter_for(other_size_base(t), t / "adapter")),
+    # adapters: merge, generate, export
+    "truncated-adapter": (lambda c: c.merge(edited_adapter(c, lambda p: truncate(p / "adapter_model.safetensors"))),
+                          ["adapter", "truncated or not a safetensors file"]),
+    "adapter-config-not-json": (lambda c: c.merge(edited_adapter(c, lambda p: (p / "adapter_config.json").write_text(
+        "{"))), ["adapter_config.json", "not valid JSON", "re-save"]),
+    "adapter-missing-lora-b": (lambda c: c.merge(edited_adapter(c, drop_lora_b)), ["adapter", "no lora_B", "re-save"]),
+    "adapter-rank-mismatch": (lambda c: c.merge(edited_adapter(c, mismatched_rank)),
+                              ["adapter", "not one low-rank pair", "re-save"]),
+    "pickled-adapter": (lambda c: c.merge(edited_adapter(c, lambda p: (p / "adapter_model.safetensors").rename(
+        p / "adapter_model.bin"))), ["adapter", "adapter_model.bin"]),
+    "adapter-other-size": (lambda c: c.merge(adapter_for(other_size_base(c), c.tmp / "adapter")),
                            ["adapter", "in the adapter but", "--base"]),
-    "adapter-other-arch": (lambda t, b, a: merge_args(t, b, adapter_for(b("gptj"), t / "adapter")),
+    "adapter-other-arch": (lambda c: c.merge(adapter_for(c.base("gptj"), c.tmp / "adapter")),
                            ["adapter", "transformer.h.0", "does not have"]),
-    "merge-out-exists": (lambda t, b, a: ((t / "out").mkdir(), (t / "out" / "mine.txt").write_text("x"),
-                                          merge_args(t, b, adapter_for(b("llama"), t / "adapter")))[2],
+    "merge-out-exists": (lambda c: ((c.tmp / "out").mkdir(), (c.tmp / "out" / "mine.txt").write_text("x"),
+                                    c.merge(adapter_for(c.base("llama"), c.tmp / "adapter")))[2],
                          ["--out", "already holds a model export", "--force"]),
-    "truncated-base-shard": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter"), (lambda p: (
-        truncate(p / "model.safetensors"), p)[1])(copy_base(b, t))), ["--base", "truncated"]),
-    "fp8-base-tensor": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter"), fp8_base(b, t)),
+    "merge-disk-too-small": (lambda c: ["merge", str(adapter_for(c.base("llama"), c.tmp / "adapter")), "--out",
+                                        str(c.disk(64 * 1024) / "out"), "--base", c.base("llama")],
+                             ["--out", "needs", "KB", "free some space"]),
+    "truncated-base-shard": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), (lambda p: (
+        truncate(p / "model.safetensors"), p)[1])(copy_base(c))), ["--base", "truncated"]),
+    "fp8-base-tensor": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), fp8_base(c)),
                         ["--base", "model.norm.weight", "F8_E4M3", "convert the base"]),
-    "bad-shard-size": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter"), None,
-                                                  "--shard-size", "lots"), ["--shard-size", "'lots'"]),
-    "dora-adapter": (lambda t, b, a: merge_args(t, b, adapter_for(b("llama"), t / "adapter", use_dora=True)),
+    "bad-shard-size": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), None, "--shard-size", "lots"),
+                       ["--shard-size", "'lots'"]),
+    "dora-adapter": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter", use_dora=True)),
                      ["adapter_config.json", "DoRA"]),
-    "generate-other-arch": (lambda t, b, a: ["generate", "--adapter", str(adapter_for(b("gptj"), t / "adapter")),
-                                             "--base", b("llama"), "--prompt", "hi"], ["adapter", "does not have"]),
-    "generate-pickled-adapter": (lambda t, b, a: ["generate", "--adapter", str(pickled_adapter(b, t)), "--base",
-                                                  b("llama"), "--prompt", "hi"], ["adapter", "never read"]),
+    "into-dequantized-16-bit": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), None, "--into",
+                                                  "dequantized"), ["--into", "'dequantized' is not available"]),
+    "generate-other-arch": (lambda c: ["generate", "--adapter", str(adapter_for(c.base("gptj"), c.tmp / "adapter")),
+                                       "--base", c.base("llama"), "--prompt", "hi"], ["adapter", "does not have"]),
+    "generate-pickled-adapter": (lambda c: ["generate", "--adapter", str(edited_adapter(c, lambda p: (
+        p / "adapter_model.safetensors").rename(p / "adapter_model.bin"))), "--base", c.base("llama"), "--prompt", "hi"],
+        ["adapter", "never read"]),
+    "export-other-arch": (lambda c: ["export", c.base("gptj"), "--out", str(c.tmp / "out.gguf")],
+                          ["--format", "GPTJForCausalLM", "LLaMA-family"]),
+    "export-into-missing-folder": (lambda c: ["export", c.base("llama"), "--out", str(c.tmp / "no" / "x.gguf")],
+                                   ["--out", "does not exist", "create it"]),
+    "export-not-a-model": (lambda c: ["export", str(c.tmp), "--out", str(c.tmp / "x.gguf")],
+                           ["SOURCE", "neither a run folder nor a merged model"]),
+    "eval-not-a-run": (lambda c: ["eval", str(c.tmp)], ["folder", "not a lora-tune run folder"]),
+    "import-not-gguf": (lambda c: ["import-gguf", c.alpaca, "--out", str(c.tmp / "out")], ["FILE", "not a GGUF file"]),
 }
 
 
@@ -138,16 +279,35 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_hostile_input_is_refused_cleanly(tmp_path, tiny_base, alpaca_file, case):
+def test_hostile_input_is_refused_cleanly(tmp_path, tiny_base, alpaca_file, small_disk, case):
     build, fragments = CASES[case]
-    args = build(tmp_path, tiny_base, alpaca_file)
+    args = build(Ctx(tmp_path, tiny_base, alpaca_file, small_disk))
     outputs = [tmp_path / "out", tmp_path / ".out.partial"]
     before = [snapshot(p) for p in outputs]
+    started = time.perf_counter()
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2, result.output
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 2, result.output[-3000:]
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.output
+    assert len(errors) == 1, result.output[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
+    assert len(errors[0]) < 400  # one readable line, whatever the value
     assert [snapshot(p) for p in outputs] == before
+    assert not list(tmp_path.glob(".out*.partial*")) or before[1]  # a refused run leaves nothing behind
+    assert seconds < MAX_SECONDS, f"{case} took {seconds:.1f} s to refuse"
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    """The 'billion laughs' recipe: refused with its count in well under a second and a few MB, not 3.5 GB."""
+    import subprocess
+    import sys
+
+    bomb = alias_bomb(Ctx(tmp_path, None, "", None))
+    script = ("import resource, sys; from lora_tuner.config import load_recipe\ntry: load_recipe(sys.argv[1])\n"
+              "except Exception as e: print(type(e).__name__)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    done = subprocess.run([sys.executable, "-c", script, bomb], capture_output=True, text=True, timeout=60)
+    kind, peak_mb = done.stdout.split()
+    assert kind == "UserError" and int(peak_mb) < 1024, done.stdout

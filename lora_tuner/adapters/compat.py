@@ -1,5 +1,4 @@
 """Does an adapter fit a base? Checked before loading, so a mismatch is an error, never a silent wrong answer."""
-import json
 import re
 from pathlib import Path
 
@@ -24,12 +23,12 @@ def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> 
     """The folder holds a safetensors LoRA adapter whose every weight matches a module of this base."""
     source = str(folder)
     run = RunFolder(folder)
-    config_path, weights = run / RunFolder.ADAPTER_CONFIG, run / RunFolder.ADAPTER_WEIGHTS
+    weights = run / RunFolder.ADAPTER_WEIGHTS
     if not run.has_adapter:
         pickled = " (a pickled adapter_model.bin is never read)" if (folder / "adapter_model.bin").exists() else ""
         raise fail(source, "adapter", f"no adapter_config.json + adapter_model.safetensors{pickled}",
                    "point at a lora-tune run folder or a PEFT adapter saved as safetensors")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = run.adapter_config()
     if config.get("peft_type") != "LORA":
         raise fail(source, "adapter_config.json", f"peft_type {config.get('peft_type')!r} is not supported",
                    "only LoRA adapters can be pooled")

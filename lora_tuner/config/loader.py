@@ -39,7 +39,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError([_problem(source, raw, error) for error in exc.errors()]) from None
+        raise UserError([_problem(source, raw, error) for error in _one_per_field(exc.errors())]) from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -103,6 +103,21 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
         if not isinstance(node, dict):
             raise fail(source, key, f"cannot set inside a {type(node).__name__}", "check the key path")
     node[leaf] = value
+
+
+def _one_per_field(errors: list[dict]) -> list[dict]:
+    """Pydantic reports a value that fits no branch of a union (template: 'alpaca' or a pair) once per branch, with
+    the branch in the location; users wrote one field, so they get one line: the branch that matches what they wrote
+    (not the literal, when they wrote something else)."""
+    by_field = {}
+    for error in errors:
+        loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and ("[" in part or part in ("int", "bool"))))
+        by_field.setdefault(loc, []).append({**error, "loc": loc})
+    kept = []
+    for group in by_field.values():
+        specific = [e for e in group if not e["type"].startswith("literal_error")]
+        kept.append(specific[0] if specific and len(group) > 1 else group[0])
+    return kept
 
 
 def _problem(source: str, raw: dict, error: dict) -> Problem:

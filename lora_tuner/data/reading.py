@@ -34,14 +34,20 @@ def read_rows(path: str, limit: int | None, source: str) -> RawRows:
 
 def _read_local(path: Path, source: str) -> RawRows:
     if not path.is_file():
-        raise fail(source, "data.path", f"data file {str(path)!r} not found", "check the path (relative to where you run)")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise fail(source, "data.path", f"data file {str(path)!r} {what}", "check the path (relative to where you run)")
     if path.suffix not in LOCAL_SUFFIXES:
         raise fail(source, "data.path", f"unsupported file type {path.suffix!r}", f"use one of {', '.join(LOCAL_SUFFIXES)}")
     blob = path.read_bytes()
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet
 
-        return RawRows(pyarrow.parquet.read_table(path).to_pylist(), _sha256(blob))
+        try:
+            return RawRows(pyarrow.parquet.read_table(path).to_pylist(), _sha256(blob))
+        except pyarrow.ArrowException as exc:
+            raise fail(source, "data.path", f"{str(path)!r} is not a readable parquet file ({str(exc)[:80]})",
+                       "re-save it, or use .json / .jsonl") from None
     # JSON is parsed here rather than by datasets: Arrow coerces or rejects mixed-type rows, and we must
     # report exactly which rows are bad.
     try:

@@ -1,10 +1,11 @@
 """The adapter as weight deltas: each targeted base weight gets scale * B @ A added, row block by row block, in fp32."""
-import json
 import math
 from pathlib import Path
 
 import torch
+
 from ..errors import fail
+from ..run_folder import RunFolder
 from ..safe_files import open_safetensors
 
 PEFT_PREFIX = "base_model.model."
@@ -12,21 +13,21 @@ PEFT_PREFIX = "base_model.model."
 
 class LoraDeltas:
     def __init__(self, folder: Path, source: str):
-        config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-        if not config_path.is_file() or not weights_path.is_file():
+        adapter = RunFolder(folder)
+        if not adapter.has_adapter:
             hint = " (pickled adapter_model.bin is not read)" if (folder / "adapter_model.bin").exists() else ""
             raise fail(source, "adapter", f"{str(folder)!r} has no adapter_config.json + adapter_model.safetensors"
                        f"{hint}", "point at a run folder or a PEFT adapter saved as safetensors")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = adapter.adapter_config()
         _refuse_unsupported(config, source)
         self.config = config
         self.fan_in_fan_out = config.get("fan_in_fan_out", False)
         self._alpha = config["lora_alpha"]
         self._rslora = config.get("use_rslora", False)
-        with open_safetensors(weights_path, source, "adapter") as weights:
+        with open_safetensors(adapter / RunFolder.ADAPTER_WEIGHTS, source, "adapter") as weights:
             tensors = {key: weights.get_tensor(key) for key in weights.keys()}
         self.targets = {_base_key(key) for key in tensors if ".lora_A." in key}
-        self._factors = {key: self._delta_factors(key, tensors) for key in self.targets}
+        self._factors = {key: self._delta_factors(key, tensors, source) for key in self.targets}
 
     def merge_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor,
                    scratch: torch.Tensor) -> None:
@@ -47,11 +48,16 @@ class LoraDeltas:
             block.addmm_(left[first_row + start:first_row + end], right, alpha=scale)
             out[start:end].copy_(block)
 
-    def _delta_factors(self, base_key: str, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _delta_factors(self, base_key: str, tensors: dict, source: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(left, right, scale) with delta = scale * left @ right in the base's weight layout, in fp32."""
         stem = PEFT_PREFIX + base_key.removesuffix(".weight")
+        if f"{stem}.lora_B.weight" not in tensors:
+            raise fail(source, "adapter", f"{stem}.lora_A has no lora_B beside it", "re-save the adapter")
         a = tensors[f"{stem}.lora_A.weight"].float()
         b = tensors[f"{stem}.lora_B.weight"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise fail(source, "adapter", f"{stem}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not one "
+                       "low-rank pair", "re-save the adapter")
         rank = a.shape[0]
         scale = self._alpha / (math.sqrt(rank) if self._rslora else rank)
         return (a.T, b.T, scale) if self.fan_in_fan_out else (b, a, scale)  # fan_in_fan_out: weight stored transposed

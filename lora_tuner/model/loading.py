@@ -3,10 +3,11 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import __version__ as transformers_version
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config.schema import ModelSection, QuantizationSection
-from ..errors import fail
+from ..errors import fail, show
 from ..safe_files import open_safetensors
 from .dtypes import torch_dtype
 from .packed_attention import register as register_packed_sdpa
@@ -26,7 +27,7 @@ def check_base_source(model: ModelSection, source: str) -> None:
     if not (folder / "config.json").is_file():
         raise fail(source, "model.name_or_path", f"{model.name_or_path!r} is not a model folder (no config.json)",
                    "point it at a folder saved with save_pretrained, or a hub id")
-    _check_remote_code(folder, model, source)
+    _check_config(folder, model, source)
     names = [p.name for p in folder.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
         for weights in folder.glob("*.safetensors"):
@@ -41,20 +42,36 @@ def check_base_source(model: ModelSection, source: str) -> None:
                    "save the model with save_pretrained (safetensors is the default)")
 
 
-def _check_remote_code(folder: Path, model: ModelSection, source: str) -> None:
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not model.trust_remote_code:
+def _check_config(folder: Path, model: ModelSection, source: str) -> None:
+    """config.json parses, names a model type transformers knows, and needs no code from the folder (unless the
+    recipe trusts it)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise fail(source, "model.name_or_path", f"{str(folder / 'config.json')!r} is not valid JSON "
+                   f"({str(exc).splitlines()[0][:80]})", "re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise fail(source, "model.name_or_path", f"{str(folder / 'config.json')!r} is not a config object",
+                   "re-save the model with save_pretrained")
+    known = config.get("model_type") in CONFIG_MAPPING
+    if "auto_map" in config and not known and not model.trust_remote_code:
         raise fail(source, "model.trust_remote_code", f"{model.name_or_path!r} needs Python code shipped with the "
                    f"model (auto_map {sorted(config['auto_map'])})",
                    "read that code, then set model.trust_remote_code: true if you trust it")
+    if not known and "auto_map" not in config:
+        raise fail(source, "model.name_or_path", f"model_type {show(config.get('model_type'))} in "
+                   f"{str(folder / 'config.json')!r} is not one transformers {transformers_version} knows",
+                   "upgrade transformers, or point at a causal LM it supports")
 
 
 def random_config(model: ModelSection, source: str) -> PretrainedConfig:
     try:
         return AutoConfig.for_model(**model.config)
-    except (ValueError, TypeError) as exc:
-        raise fail(source, "model.config", f"not a transformers config ({str(exc).splitlines()[0][:120]})",
-                   "set model_type to a causal LM type such as llama or gptj, with its config fields") from None
+    except Exception as exc:  # ValueError, TypeError, and config classes' own validation errors
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = lines[-1].removeprefix("ValueError: ")[:140]  # the last line says what is wrong, not where
+        raise fail(source, "model.config", f"transformers refuses it: {reason}",
+                   "fix those fields; model_type must be a causal LM type such as llama or gptj") from None
 
 
 def build_random_base(model: ModelSection, seed: int, folder: Path, source: str) -> str:

@@ -42,6 +42,9 @@ def _load(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
     name = model.tokenizer or model.name_or_path
     if name == "bytes":
         return byte_tokenizer()
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        field = "model.tokenizer" if model.tokenizer else "model.name_or_path"
+        raise fail(source, field, f"tokenizer {name!r} not found", "check the path, or use a hub id or 'bytes'")
     if name.endswith(".model"):
         path = Path(name)
         if not path.is_file():
