@@ -56,9 +56,9 @@ ABLATION = {
     "transformers' SDPA instead of packed SDPA": {"model": {"attn_implementation": "sdpa"}},
     "packing off": {"data": {"packing": False}},
     "torch.compile on": {"train": {"compile": True}},
-    "all off (TRL's loss, fp32, SDPA, no packing)": {"train": {"response_loss": False},
-                                                    "model": {"dtype": "float32", "attn_implementation": "sdpa"},
-                                                    "data": {"packing": False}},
+    "all off (TRL's loss, fp32, SDPA, no packing)": {
+        "train": {"response_loss": False}, "model": {"dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"packing": False}},
 }
 
 
@@ -199,7 +199,8 @@ def run_trainer(args, dtype: str) -> dict:
         model=model, train_dataset=data, callbacks=[meter],
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         args=TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps,
-                               per_device_train_batch_size=4, train_sampling_strategy="group_by_length", use_cpu=True, bf16=dtype == "bf16",
+                               per_device_train_batch_size=4, train_sampling_strategy="group_by_length",
+                               use_cpu=True, bf16=dtype == "bf16",
                                report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
                                include_num_input_tokens_seen="non_padding", learning_rate=3e-4))
     trainer.train()
