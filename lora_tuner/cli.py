@@ -1,6 +1,5 @@
 """The `lora-tune` command: a thin click shell over the Python API. User errors exit 2 with one line each."""
 import logging
-import re
 import sys
 import warnings
 from functools import wraps
@@ -274,13 +273,14 @@ def plan(recipe, device, tokens, world_size, overrides):
         sys.exit(1)
 
 
-def _pool(adapters: tuple[str, ...], base: str | None):
+def _pool(adapters: tuple[str, ...], base: str | None, max_loaded: int = 8):
     """A pool on --base (or the first run folder's base) holding each adapter under its folder's name."""
     from .adapters import AdapterPool
+    from .adapters.compat import adapter_name
 
-    pool = AdapterPool(base or adapters[0])
+    pool = AdapterPool(base or adapters[0], max_loaded=max_loaded)
     for folder in adapters:
-        pool.add(re.sub(r"\W", "_", Path(folder).resolve().name), folder)
+        pool.add(adapter_name(folder), folder)
     return pool
 
 
@@ -342,6 +342,50 @@ def chat(adapters, base, max_new_tokens):
                 click.echo(f"no adapter {wanted!r}; known: {', '.join(pool.names)} or none")
         elif line:
             click.echo(pool.generate(line, adapter=current, max_new_tokens=max_new_tokens))
+
+
+@main.command()
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help=ADAPTER_HELP)
+@click.option("--base", help="Base model folder (default: the first run folder's base).")
+@click.option("--base-name", default="base", show_default=True, help="The `model` name that selects the bare base.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-loaded", default=8, show_default=True, type=click.IntRange(1),
+              help="Adapters kept in memory (least recently used re-read from disk on demand).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Requests generated together in one forward, each with its own adapter.")
+@click.option("--api-key", envvar="LORA_TUNE_API_KEY", help="Require 'Authorization: Bearer KEY' (or set "
+              "LORA_TUNE_API_KEY).")
+@user_errors
+def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key):
+    """Serve adapters behind one OpenAI-compatible endpoint (/v1/models, /v1/completions, /v1/chat/completions,
+    streaming included): the request's `model` picks the adapter by name, or the bare base. Needs the serve extra:
+    pip install 'lora-tune[serve]'.
+
+    \b
+    Examples:
+      lora-tune serve --adapter adapters/smollm2-135m-alpaca
+      lora-tune serve --adapter adapters/support --adapter adapters/legal --port 8001 --api-key s3cret
+      curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from .errors import fail
+
+    if not adapters and not base:
+        raise fail("serve", "--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL")
+    try:
+        import uvicorn
+
+        from .serve.openai_api import create_app
+    except ImportError as exc:
+        raise fail("serve", "(packages)", f"{exc.name} is not installed",
+                   "pip install 'lora-tune[serve]' (FastAPI and uvicorn)") from None
+    pool = _pool(adapters, base, max_loaded)
+    app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch)
+    served = ", ".join([f"{base_name} (the bare base)", *pool.names])
+    click.echo(f"serving {served} on http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

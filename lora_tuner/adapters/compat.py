@@ -12,6 +12,11 @@ from ..safe_files import open_safetensors
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def adapter_name(folder: str | Path) -> str:
+    """The name an adapter folder is served or switched to by: its folder name as an identifier."""
+    return re.sub(r"\W", "_", Path(folder).expanduser().resolve().name)
+
+
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name) or name == "__base__":  # peft reserves __base__ for "no adapter" rows
         raise fail("adapter", "name", f"{name!r} is not a plain identifier",

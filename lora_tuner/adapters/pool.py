@@ -13,7 +13,7 @@ from ..model.loading import load_base
 from ..model.tokenizer import load_tokenizer
 from ..run_folder import RunFolder
 from .compat import check_adapter, check_name
-from .prompting import training_prompt
+from .prompting import training_chat, training_prompt
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in per-row adapter_names
 
@@ -45,6 +45,8 @@ class AdapterPool:
         self.paths: dict[str, Path] = {}
         self.prompts = {}  # name -> instruction -> prompt ids, None for adapters of unknown format
         self.base_prompt = training_prompt(run, self.tokenizer)
+        self.chat_templates = {}  # name -> the chat template rendering its training prompt
+        self.base_chat = training_chat(run, self.tokenizer) if run.is_run else None
         self.resident: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
         self.lock = threading.RLock()
 
@@ -58,7 +60,9 @@ class AdapterPool:
                 self._unload(name)
             self.paths[name] = folder
             self.prompts[name] = training_prompt(RunFolder(folder), self.tokenizer)
+            self.chat_templates[name] = training_chat(RunFolder(folder), self.tokenizer)
             self.base_prompt = self.base_prompt or self.prompts[name]
+            self.base_chat = self.base_chat or self.chat_templates[name]
             self._ensure_loaded(name)
 
     def remove(self, name: str) -> None:
@@ -66,7 +70,7 @@ class AdapterPool:
             self._known(name)
             if name in self.resident:
                 self._unload(name)
-            del self.paths[name], self.prompts[name]
+            del self.paths[name], self.prompts[name], self.chat_templates[name]
 
     @property
     def names(self) -> list[str]:
@@ -91,6 +95,19 @@ class AdapterPool:
         """The token ids generation starts from: the instruction in the adapter's training prompt (see the class)."""
         render = (self.prompts[self._known(adapter)] if adapter is not None else self.base_prompt) if template else None
         return render(text) if render else self.tokenizer(text)["input_ids"]
+
+    def chat_ids(self, messages: list[dict], adapter: str | None) -> list[int]:
+        """A conversation's token ids, rendered by the chat template the adapter's exports carry (so the same messages
+        give the same prompt here, in transformers pipelines, Ollama and llama.cpp) and tokenized as training did.
+        Raises jinja2's TemplateError for messages that template refuses."""
+        template = self.chat_templates[self._known(adapter)] if adapter is not None else self.base_chat
+        template = template or self.tokenizer.chat_template
+        if template is None:
+            raise fail("AdapterPool", "chat", f"{adapter or 'the base'} has no chat template",
+                       "send the prompt as plain text (completions)")
+        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, prompts: str | list[str], adapter: str | None | list[str | None] = None,
                  max_new_tokens: int = 64, template: bool = True, **generate_kwargs) -> str | list[str]:

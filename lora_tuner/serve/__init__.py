@@ -1,0 +1,1 @@
+"""`lora-tune serve`: an OpenAI-compatible HTTP server over an AdapterPool (optional extra: FastAPI + uvicorn)."""

@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP API over an AdapterPool: `model` picks the adapter (or the bare base), chat messages are
+rendered with the adapter's training prompt, `stream: true` answers with server-sent events. FastAPI does the HTTP,
+validation and streaming; this module maps requests to Batcher jobs and errors to OpenAI's error shape."""
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..adapters.compat import adapter_name
+from ..adapters.pool import AdapterPool
+from ..errors import UserError
+from .batcher import Batcher, Job, Sampling
+
+DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens; OpenAI's completions default is 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+
+
+class Generation(BaseModel):
+    """Fields both endpoints share; fields OpenAI has and this server ignores (user, logprobs=false, ...) pass."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: Literal[1] = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+
+class CompletionRequest(Generation):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+
+    def text(self) -> str:
+        """Content parts ([{"type": "text", "text": ...}]) joined; other part types are refused."""
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" for part in self.content):
+            raise APIError(400, "only text content parts are supported", "messages")
+        return "".join(part.get("text", "") for part in self.content)
+
+
+class ChatRequest(Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    name: str | None = None
+
+
+def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None = None, max_batch: int = 8,
+               context_length: int | None = None) -> FastAPI:
+    batcher = Batcher(pool, max_batch=max_batch)
+    context = context_length or getattr(pool.model.config, "max_position_embeddings", None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="lora-tune", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
+        return APIError(400, message, where).response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    def adapter_for(model: str) -> str | None:
+        if model == base_name:
+            return None
+        if model not in pool.names:
+            raise APIError(404, f"the model {model!r} does not exist; served: {', '.join([base_name, *pool.names])}",
+                           "model", "model_not_found")
+        return model
+
+    def job(body: Generation, ids: list[int], adapter: str | None, max_tokens: int, param: str) -> Job:
+        if context is not None and len(ids) + max_tokens > context:
+            raise APIError(400, f"this model's context is {context} tokens; the request has {len(ids)} prompt "
+                           f"tokens and asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+                           param, "context_length_exceeded")
+        queued = Job(ids, adapter, max_tokens, body.stops(), Sampling(body.temperature, body.top_p),
+                     asyncio.get_running_loop(), asyncio.Queue())
+        batcher.submit(queued)
+        return queued
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "base": base_name, "adapters": pool.names, "queued": batcher.queued,
+                "generate_calls": batcher.calls, "requests_served": batcher.rows}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lora-tune"}
+                                           for name in [base_name, *pool.names]]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest):
+        adapter = adapter_for(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "one prompt per request (send several requests: they are batched together)",
+                           "prompt")
+        ids = pool.prompt_ids(prompts[0], adapter, template=False)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        return await answer(job(body, ids, adapter, body.max_tokens, "prompt"), body, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest):
+        adapter = adapter_for(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise APIError(400, "messages hold no user message with content", "messages")
+        try:
+            ids = pool.chat_ids(messages, adapter)
+        except TemplateError as exc:
+            raise APIError(400, f"{body.model}: {exc}", "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        return await answer(job(body, ids, adapter, max_tokens, "messages"), body, chat=True)
+
+    @app.post("/v1/adapters", dependencies=[Depends(authorize)])
+    async def add_adapter(body: AdapterRequest):
+        name = body.name or adapter_name(body.path)
+        if name == base_name or name in pool.names:
+            raise APIError(409, f"{name!r} is already served; DELETE /v1/adapters/{name} first, or pick another "
+                           "name", "name", "adapter_exists")
+        try:
+            await asyncio.to_thread(pool.add, name, body.path)
+        except UserError as exc:
+            raise APIError(400, str(exc), "path", "adapter_not_loadable") from None
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lora-tune"}
+
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(authorize)])
+    async def remove_adapter(name: str):
+        if name not in pool.names:
+            raise APIError(404, f"no adapter {name!r} is served", "name", "model_not_found")
+        await asyncio.to_thread(pool.remove, name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+async def answer(job: Job, body: Generation, chat: bool):
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": body.model}
+    if body.stream:
+        return StreamingResponse(_events(job, meta, chat), media_type="text/event-stream")
+    parts = []
+    while True:
+        event = await job.events.get()
+        if event[0] == "text":
+            parts.append(event[1])
+        elif event[0] == "error":
+            raise _failure(event[1])
+        else:
+            _, reason, usage = event
+            break
+    text = "".join(parts)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
+              else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
+
+
+async def _events(job: Job, meta: dict, chat: bool):
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, reason: str | None = None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+
+    try:
+        if chat:
+            yield chunk("", first=True)
+        while True:
+            event = await job.events.get()
+            if event[0] == "text":
+                yield chunk(event[1])
+            elif event[0] == "error":
+                failure = _failure(event[1])
+                yield f"data: {json.dumps({'error': {'message': failure.message, 'type': failure.kind}})}\n\n"
+                break
+            else:
+                yield chunk(None, event[1])
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if job.finish_reason is None:
+            job.finish_reason = "cancelled"  # the client went away: the batcher drops the row at its next token
+
+
+def _failure(exc: Exception) -> APIError:
+    if isinstance(exc, UserError):  # e.g. the adapter was removed while the request waited
+        return APIError(404, str(exc), "model", "model_not_found")
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")

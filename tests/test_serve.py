@@ -1,0 +1,215 @@
+"""`lora-tune serve`, called the way users call it: the official OpenAI client over loopback. Every answer must equal
+AdapterPool.generate for the same adapter and prompt, whether it came alone, streamed, or batched with others."""
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import recipe_dict, write_recipe
+from lora_tuner import AdapterPool, load_recipe, run
+from lora_tuner.serve.openai_api import create_app
+from test_adapter_pool import make_adapter
+
+pytestmark = pytest.mark.slow  # trains adapters: the full tier
+
+KEY = "test-key"
+PROMPTS = ["Reverse the word: apple", "Add 2 and 3", "Sort the letters: pear", "Say hello"]
+QUESTION_TEMPLATE = {"with_input": "Q: {instruction}\n{input}\nA:", "without_input": "Q: {instruction}\nA:"}
+
+
+def trained_run(tmp_path, base, alpaca_file, name, seed, **data) -> str:
+    """A real run folder (recipe, training prompt), its LoRA weights then replaced by large random ones so that
+    each adapter's greedy answers differ visibly from the others' and the base's."""
+    recipe = recipe_dict(base, alpaca_file, train={"max_steps": 1, "save_steps": 100, "eval_steps": 100},
+                         data={"validation_size": 0, **data}, output={"name": name})
+    folder = run(load_recipe(write_recipe(tmp_path, recipe, f"{name}.yaml")), output=str(tmp_path / name)).folder
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+    torch.manual_seed(seed)
+    for parameter_name, parameter in model.named_parameters():
+        if "lora_" in parameter_name:
+            parameter.data.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / f"{name}-weights")
+    shutil.copy(tmp_path / f"{name}-weights/adapter_model.safetensors", folder / "adapter_model.safetensors")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_base, alpaca_file):
+    """Two adapters trained with different prompt templates (Alpaca's, and a Q:/A: one), served over loopback."""
+    tmp = tmp_path_factory.mktemp("serve")
+    base = tiny_base("llama")
+    a = trained_run(tmp, base, alpaca_file, "a", 1)
+    b = trained_run(tmp, base, alpaca_file, "b", 2, template=QUESTION_TEMPLATE)
+    pool = AdapterPool(a)
+    pool.add("a", a)
+    pool.add("b", b)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(pool, api_key=KEY, max_batch=8), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    yield {"pool": pool, "url": url, "client": openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0),
+           "tmp": tmp, "base": base, "a": a}
+    server.should_exit = True
+    thread.join()
+
+
+def expected(pool, prompt, adapter, chat, max_tokens=12):
+    """What the pool gives on its own: chat in the adapter's training prompt, completions on the raw text."""
+    return pool.generate(prompt, adapter=adapter, template=chat, max_new_tokens=max_tokens)
+
+
+def complete(client, model, prompt, chat, max_tokens=12, **kwargs):
+    if chat:
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, **kwargs)
+        return answer.choices[0].message.content, answer.choices[0].finish_reason
+    answer = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
+    return answer.choices[0].text, answer.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_each_model_answers_as_the_pool_does(served, chat):
+    pool, client = served["pool"], served["client"]
+    assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
+    got = {}
+    for model, adapter in (("a", "a"), ("b", "b"), ("base", None)):
+        text, reason = complete(client, model, PROMPTS[0], chat)
+        assert text == expected(pool, PROMPTS[0], adapter, chat), model
+        assert reason in ("stop", "length")
+        got[model] = text
+    assert len(set(got.values())) == 3, got  # three different models answered
+
+
+def test_chat_renders_each_adapters_training_prompt(served):
+    pool = served["pool"]
+    message = [{"role": "user", "content": PROMPTS[1]}]
+    assert pool.chat_ids(message, "a") == pool.prompt_ids(PROMPTS[1], "a")
+    assert pool.chat_ids(message, "b") == pool.prompt_ids(PROMPTS[1], "b")
+    assert pool.tokenizer.decode(pool.chat_ids(message, "b"), skip_special_tokens=True) == f"Q: {PROMPTS[1]}\nA:"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_streaming_yields_the_same_text(served, chat):
+    client = served["client"]
+    whole, _ = complete(client, "b", PROMPTS[2], chat, max_tokens=16)
+    if chat:
+        stream = client.chat.completions.create(model="b", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                                max_tokens=16, temperature=0, stream=True)
+        chunks = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in stream]
+    else:
+        stream = client.completions.create(model="b", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True)
+        chunks = [(c.choices[0].text, c.choices[0].finish_reason) for c in stream]
+    assert "".join(text for text, _ in chunks) == whole
+    assert sum(bool(text) for text, _ in chunks) > 1  # it really streamed
+    assert chunks[-1][1] in ("stop", "length") and all(reason is None for _, reason in chunks[:-1])
+
+
+def test_concurrent_clients_get_their_own_adapter(served):
+    client, url = served["client"], served["url"]
+    jobs = [(model, PROMPTS[i % len(PROMPTS)], i % 2 == 0) for i, model in enumerate(["a", "b", "base"] * 3)][:8]
+    alone = [complete(client, *job)[0] for job in jobs]  # one client at a time
+    before = httpx.get(f"{url}/health").json()
+    together, start = [None] * len(jobs), threading.Barrier(len(jobs))
+
+    def client_thread(i):
+        start.wait()
+        together[i] = complete(client, *jobs[i])[0]
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = httpx.get(f"{url}/health").json()
+    assert together == alone
+    calls = after["generate_calls"] - before["generate_calls"]
+    assert after["requests_served"] - before["requests_served"] == len(jobs)
+    assert calls < len(jobs), "concurrent requests were not batched together"
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
+    client, url = served["client"], served["url"]
+    with pytest.raises(openai.NotFoundError) as error:
+        complete(client, "nope", PROMPTS[0], chat=True)
+    assert error.value.body["code"] == "model_not_found" and "served: base, a, b" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        complete(client, "a", PROMPTS[0], chat=False, max_tokens=100_000)
+    assert error.value.body["code"] == "context_length_exceeded" and "512" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="a", messages=[], max_tokens=4)
+    assert error.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="no user message"):
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "  "}], max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="instruction/response pairs"):
+        client.chat.completions.create(model="a", max_tokens=4, messages=[{"role": "system", "content": "Be brief"},
+                                                                          {"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="a", prompt="x", n=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    bad_json = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": "a", "messages": [',
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["message"] == "the body is not valid JSON"
+    text, _ = complete(client, "a", PROMPTS[0], chat=True)  # still serving, and correctly
+    assert text == expected(served["pool"], PROMPTS[0], "a", chat=True)
+
+
+def test_adapters_are_added_and_removed_at_run_time(served, tiny_base):
+    client, url, pool = served["client"], served["url"], served["pool"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    added = httpx.post(f"{url}/v1/adapters", json={"path": served["a"], "name": "a_again"}, headers=headers)
+    assert added.status_code == 200, added.text
+    assert "a_again" in [m.id for m in client.models.list().data]
+    assert complete(client, "a_again", PROMPTS[3], chat=True)[0] == expected(pool, PROMPTS[3], "a", chat=True)
+    assert httpx.post(f"{url}/v1/adapters", json={"path": served["a"], "name": "a_again"},
+                      headers=headers).status_code == 409
+    assert httpx.delete(f"{url}/v1/adapters/a_again", headers=headers).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "a_again", PROMPTS[3], chat=True)
+    assert httpx.delete(f"{url}/v1/adapters/a_again", headers=headers).status_code == 404
+    gptj = make_adapter(tiny_base("gptj"), served["tmp"] / "gptj", 1)
+    refused = httpx.post(f"{url}/v1/adapters", json={"path": gptj}, headers=headers)
+    assert refused.status_code == 400
+    assert "belongs to another architecture" in refused.json()["error"]["message"]
+    assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
+
+
+def test_the_command_serves_on_loopback(served):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "lora_tuner.cli", "serve", "--adapter", served["a"],
+                               "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                break
+            except httpx.ConnectError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.1)
+        assert health["adapters"] == ["a"] and health["base"] == "base"
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in listening, listening
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    nothing = subprocess.run([sys.executable, "-m", "lora_tuner.cli", "serve"], capture_output=True, text=True)
+    assert nothing.returncode == 2
+    assert nothing.stderr.strip() == ("error: serve: --adapter: nothing to serve; give --adapter DIR (repeatable) "
+                                      "and/or --base MODEL")
