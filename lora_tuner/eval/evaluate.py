@@ -89,10 +89,13 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
         with pool.use("adapter") as model:
             models.append(Scored("base + adapter", *_measure(model, scored_rows, "scoring base + adapter")))
     if merged is not None:
+        from transformers import AutoConfig
+
         from ..export.verify import load_export
 
         export = load_export(Path(merged))
-        models.append(Scored(f"merged {Path(merged).name} ({str(export.dtype).removeprefix('torch.')})",
+        stored = str(AutoConfig.from_pretrained(merged).dtype).removeprefix("torch.")  # as stored, as computed
+        models.append(Scored(f"merged {Path(merged).name} ({stored})",
                              *_measure(export, scored_rows, "scoring the export")))
     _gains(models)
     report = EvalReport(str(target.path), where, held_out, len(tokenized), sum(len(b.targets) for b in scored_rows),

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 GIB = 2**30
 GPU_EFFICIENCY = 0.4  # unmeasured: a well-fed LoRA run on a GPU; the CPU value below is measured
 # Calibrated on the contest runs (AMD EPYC, AVX512-BF16, 2 cores), see benchmarks/plan_calibration.py.
-CPU_EFFICIENCY = 0.40
-CPU_SOFTMAX_NS = 0.5
+CPU_EFFICIENCY = 0.28
+CPU_SOFTMAX_NS = 3.6
 # Measured matmul throughput per core on those CPUs (2048x576 @ 576x1536, ../shared/notes/stack-facts.md).
 CPU_TFLOPS_PER_CORE = {"bfloat16": 0.2045, "float16": 0.0925, "float32": 0.0925}
 
