@@ -143,7 +143,7 @@ def test_killed_while_saving_after_the_last_checkpoint_finishes_without_training
     assert max_diff(adapter(out), uninterrupted) == 0
 
 
-@pytest.mark.xfail(strict=False, reason="fails inside the full suite (3 of 3 runs), passes alone (5 of 5): the SIGINT "
+@pytest.mark.xfail(strict=False, reason="failed in 3 of 4 full-suite runs, passed alone 5 of 5: the SIGINT "
                    "sent just after the run folder appears is lost and the run trains to the end; cause not found")
 def test_ctrl_c_while_the_model_loads_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ from ..model.loading import load_base
 from ..model.tokenizer import load_tokenizer
 from ..run_folder import RunFolder
 from .compat import check_adapter, check_name
-from .prompting import training_chat, training_prompt
+from .prompting import TrainingPrompt, training_prompt
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in per-row adapter_names
 
@@ -43,10 +43,8 @@ class AdapterPool:
         self.model = load_base(section, quant, section.name_or_path, "AdapterPool").eval()
         self.max_loaded = max_loaded
         self.paths: dict[str, Path] = {}
-        self.prompts = {}  # name -> instruction -> prompt ids, None for adapters of unknown format
+        self.prompts: dict[str, TrainingPrompt] = {}
         self.base_prompt = training_prompt(run, self.tokenizer)
-        self.chat_templates = {}  # name -> the chat template rendering its training prompt
-        self.base_chat = training_chat(run, self.tokenizer) if run.is_run else None
         self.resident: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
         self.lock = threading.RLock()
 
@@ -60,9 +58,8 @@ class AdapterPool:
                 self._unload(name)
             self.paths[name] = folder
             self.prompts[name] = training_prompt(RunFolder(folder), self.tokenizer)
-            self.chat_templates[name] = training_chat(RunFolder(folder), self.tokenizer)
-            self.base_prompt = self.base_prompt or self.prompts[name]
-            self.base_chat = self.base_chat or self.chat_templates[name]
+            if self.base_prompt.ids is None:  # the base is prompted like the first adapter of known format
+                self.base_prompt = self.prompts[name]
             self._ensure_loaded(name)
 
     def remove(self, name: str) -> None:
@@ -70,7 +67,7 @@ class AdapterPool:
             self._known(name)
             if name in self.resident:
                 self._unload(name)
-            del self.paths[name], self.prompts[name], self.chat_templates[name]
+            del self.paths[name], self.prompts[name]
 
     @property
     def names(self) -> list[str]:
@@ -93,15 +90,14 @@ class AdapterPool:
 
     def prompt_ids(self, text: str, adapter: str | None, template: bool = True) -> list[int]:
         """The token ids generation starts from: the instruction in the adapter's training prompt (see the class)."""
-        render = (self.prompts[self._known(adapter)] if adapter is not None else self.base_prompt) if template else None
+        render = self._prompt(adapter).ids if template else None
         return render(text) if render else self.tokenizer(text)["input_ids"]
 
     def chat_ids(self, messages: list[dict], adapter: str | None) -> list[int]:
         """A conversation's token ids, rendered by the chat template the adapter's exports carry (so the same messages
         give the same prompt here, in transformers pipelines, Ollama and llama.cpp) and tokenized as training did.
         Raises jinja2's TemplateError for messages that template refuses."""
-        template = self.chat_templates[self._known(adapter)] if adapter is not None else self.base_chat
-        template = template or self.tokenizer.chat_template
+        template = self._prompt(adapter).chat_template or self.tokenizer.chat_template
         if template is None:
             raise fail("AdapterPool", "chat", f"{adapter or 'the base'} has no chat template",
                        "send the prompt as plain text (completions)")
@@ -142,6 +138,9 @@ class AdapterPool:
                 out = self.model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
                                           adapter_names=[a or BASE_ROW for a in adapters])
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _prompt(self, adapter: str | None) -> TrainingPrompt:
+        return self.prompts[self._known(adapter)] if adapter is not None else self.base_prompt
 
     def _known(self, name: str | None) -> str | None:
         if name is not None and name not in self.paths:

@@ -1,4 +1,5 @@
 """The prompt an adapter was trained with, so generation sees what training saw."""
+from dataclasses import dataclass
 from typing import Callable
 
 from ..data.formats import FORMATS
@@ -7,17 +8,18 @@ from ..data.tokenize import prompt_ids, training_chat_template
 from ..run_folder import RunFolder
 
 
-def training_prompt(folder: RunFolder, tokenizer) -> Callable[[str], list[int]] | None:
-    """instruction -> the prompt's token ids as the run's training built them; None for a bare PEFT adapter, whose
-    prompt format is unknown."""
+@dataclass(frozen=True)
+class TrainingPrompt:
+    """How a run prompted its model: an instruction's prompt ids as training built them (None for a bare PEFT
+    adapter, whose prompt format is unknown), and the chat template its exports carry."""
+    ids: Callable[[str], list[int]] | None
+    chat_template: str | None
+
+
+def training_prompt(folder: RunFolder, tokenizer) -> TrainingPrompt:
     if not folder.is_run:
-        return None
+        return TrainingPrompt(None, tokenizer.chat_template)
     data = folder.recipe().data
     data_format, template = FORMATS[data.format], resolve(data.template)
-    return lambda text: prompt_ids(tokenizer, data_format.prompt_for(text, template))
-
-
-def training_chat(folder: RunFolder, tokenizer) -> str | None:
-    """The chat template the run's exports carry (it renders the training prompt); for a bare PEFT adapter, the
-    tokenizer's own."""
-    return training_chat_template(folder.recipe().data, tokenizer) if folder.is_run else tokenizer.chat_template
+    return TrainingPrompt(lambda text: prompt_ids(tokenizer, data_format.prompt_for(text, template)),
+                          training_chat_template(data, tokenizer))
