@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
 
-from conftest import CONFIGS, recipe_dict, write_recipe
+from conftest import CONFIGS, SHARED, recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
 from lora_tuner.export.gguf_export import export_gguf
@@ -66,6 +66,44 @@ def test_tied_embeddings_write_no_output_head(tmp_path, tiny_bpe_llama):
     report = export_gguf(tmp_path / "tied", tmp_path / "tied.gguf", kind="f16", verify_rows=4)
     assert report.verification.passed
     assert "output.weight" not in {t.name for t in GGUFReader(tmp_path / "tied.gguf").tensors}
+
+
+def spm_tokenize(text: str, reader: GGUFReader) -> list[int]:
+    """llama.cpp's SentencePiece rule, written out: start from characters, merge the adjacent pair whose join has the
+    highest score until none is in the vocabulary; characters outside it become byte tokens."""
+    field = reader.fields
+    tokens = [bytes(field["tokenizer.ggml.tokens"].parts[i]).decode() for i in field["tokenizer.ggml.tokens"].data]
+    scores = [float(field["tokenizer.ggml.scores"].parts[i][0]) for i in field["tokenizer.ggml.scores"].data]
+    ids = {token: i for i, token in enumerate(tokens)}
+    prefix = bool(field["tokenizer.ggml.add_space_prefix"].parts[-1][0])
+    symbols = list(("\u2581" if prefix else "") + text.replace(" ", "\u2581"))
+    while True:
+        pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in ids]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [ids[s] if s in ids else ids[f"<0x{byte:02X}>"] for s in symbols for byte in ([0] if s in ids else s.encode())]
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers/llama/tokenizer.model").is_file(), reason="needs ../shared")
+def test_a_sentencepiece_llama_tokenizes_in_the_gguf_as_in_training(tmp_path):
+    """transformers saves SentencePiece tokenizers (LLaMA 1/2, Mistral) as BPE with byte fallback in tokenizer.json
+    alone: written as llama.cpp's SentencePiece vocabulary, whose merge order lives in the scores."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaTokenizer
+
+    folder = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS["llama"], "vocab_size": 32000})).save_pretrained(
+        folder)
+    tokenizer = LlamaTokenizer.from_pretrained(SHARED / "tokenizers/llama")
+    tokenizer.save_pretrained(folder)
+    report = export_gguf(folder, tmp_path / "llama.gguf", kind="f16", verify_rows=4)
+    assert report.verification.passed and report.verification.tokenizer_round_trip
+    reader = GGUFReader(tmp_path / "llama.gguf")
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    rows = json.loads((SHARED / "data/alpaca_5000.json").read_text())[:40]
+    for text in [f"{row['instruction']}\n{row['input']}\n{row['output']}" for row in rows]:
+        assert spm_tokenize(text, reader) == tokenizer(text, add_special_tokens=False)["input_ids"], text
 
 
 def test_other_architectures_are_refused_in_one_line(tmp_path, tiny_base):

@@ -11,7 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import SHARED
+from gguf import GGUFReader
 from lora_tuner import AdapterPool, load_recipe, merge, run
+from lora_tuner.export.gguf_export import export_gguf
 from lora_tuner.model.gguf_import import import_gguf
 
 
@@ -49,19 +51,42 @@ def lora_run(smollm2, tmp_path_factory):
     return run(real_recipe(folder, smollm2), output=str(folder / "run"))
 
 
-def test_training_lowers_held_out_loss_and_the_default_merge_keeps_the_gain(lora_run, tmp_path):
+@pytest.fixture(scope="session")
+def default_merge(lora_run, tmp_path_factory):
+    """(folder, report) of the merge users get by default."""
+    folder = tmp_path_factory.mktemp("merged") / "merged"
+    return folder, merge(lora_run.folder, folder, verify_rows=8)
+
+
+def test_training_lowers_held_out_loss_and_the_default_merge_keeps_the_gain(lora_run, default_merge):
     loss = lora_run.manifest.loss
     print(f"held-out loss {loss.eval_start:.4f} -> {loss.eval:.4f}")
     assert "bfloat16 compute" in lora_run.manifest.fast_path[0]  # the bf16 base, as users train it
     assert loss.eval < loss.eval_start - MIN_LOSS_DROP
 
-    report = merge(lora_run.folder, tmp_path / "merged", verify_rows=8)  # the defaults users get
+    folder, report = default_merge
     v = report.verification
     print(f"fp16 export: keeps {v.gain_kept:.1%}, top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}")
     assert report.dtype == "float16" and v.passed and v.held_out
     assert v.gain_kept >= 0.99 and v.loss_export < v.loss_base - MIN_LOSS_DROP / 2
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no peft
+    merged = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no peft
     assert merged.dtype == torch.float16
+
+
+def test_the_merged_model_exports_to_gguf_that_reads_back_as_it(default_merge, tmp_path):
+    """SmolLM2: GQA (Q and K rows permuted with different head counts), tied embeddings, a byte-level BPE vocabulary
+    and the Alpaca prompt it was tuned on as its chat template. f16 holds the fp16 merge exactly; quantized types
+    stay within their thresholds."""
+    found = {}
+    for kind in ("f16", "q8_0", "q4_0"):
+        found[kind] = export_gguf(default_merge[0], tmp_path / f"{kind}.gguf", kind=kind, verify_rows=4).verification
+        print(f"{kind}: top-1 {found[kind].top1_agreement:.1%}, KL {found[kind].mean_kl:.1e}")
+    assert found["f16"].top1_agreement == 1.0 and found["f16"].max_abs_logit_diff == 0.0
+    assert all(v.passed and v.tokenizer_round_trip for v in found.values())
+    assert found["f16"].mean_kl < found["q8_0"].mean_kl < found["q4_0"].mean_kl  # and each is actually quantized
+    reader = GGUFReader(tmp_path / "f16.gguf")
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
+    assert "Below is an instruction" in bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()  # as trained
 
 
 def test_qlora_merges_into_what_it_saw_and_auto_keeps_the_better(smollm2, tmp_path):
