@@ -42,3 +42,20 @@ def test_set_overrides_fields_with_typed_values():
     assert recipe.train.learning_rate == 1e-4
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.data.packing is False
+
+
+def test_validate_never_reaches_for_the_network(monkeypatch):
+    """A hub model not in the cache is a note, not a download: offline, huggingface_hub would retry for ~25 s."""
+    import socket
+
+    looked_up = []
+
+    def no_network(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    recipe = next(p for p in RECIPES if p.stem == "smollm2-135m-alpaca")
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "is not on this machine" in result.output and looked_up == []

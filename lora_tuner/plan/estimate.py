@@ -243,8 +243,9 @@ def model_config(recipe: Recipe, source: str) -> PretrainedConfig:
         return AutoConfig.for_model(**model.config)
     if model.name_or_path in KNOWN:
         return AutoConfig.for_model(**KNOWN[model.name_or_path])
-    try:  # a local folder, or a hub id already in the cache
-        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
+    try:  # a local folder, or a hub id already in the cache; never the network (offline, huggingface_hub retries
+        # for ~25 s before it gives up, printing each retry)
+        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision, local_files_only=True)
     except OSError:
         raise fail(source, "model.name_or_path", f"no config.json for {model.name_or_path!r} on this machine",
                    "point it at a local model folder (only config.json is read)") from None
