@@ -75,18 +75,20 @@ def _verify(gguf_file: Path, model_folder: Path, kind: str, rows: int | None) ->
     the merged model, both in float32, on the run's held-out rows; and its vocabulary against the tokenizer's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..eval.scoring import agreement
+    from ..eval.scoring import agreement, reference_logits
     from .verify import ROWS, verification_rows
 
-    batches, count, _ = verification_rows(RunFolder(model_folder), model_folder, rows or ROWS)
+    batches, count, held_out = verification_rows(RunFolder(model_folder), model_folder, rows or ROWS)
     merged = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    want = reference_logits(merged, batches, desc="scoring the merged model")
+    del merged  # one model in memory at a time
     read_back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
                                                      dtype=torch.float32).eval()
-    found = agreement(read_back, merged, batches, desc="verifying the gguf")
+    found = agreement(read_back, want, batches, desc="verifying the gguf")
     ours = AutoTokenizer.from_pretrained(model_folder)
     theirs = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     round_trip = all(ours(text)["input_ids"] == theirs(text)["input_ids"] for text in SAMPLE_TEXT)
-    return GgufVerification(rows=count, tokens=found.tokens, top1_agreement=found.top1_agreement,
+    return GgufVerification(rows=count, held_out=held_out, tokens=found.tokens, top1_agreement=found.top1_agreement,
                             mean_kl=found.mean_kl, max_abs_logit_diff=found.max_abs_logit_diff,
                             tokenizer_round_trip=round_trip, min_top1=MIN_TOP1[kind],
                             passed=round_trip and found.top1_agreement >= MIN_TOP1[kind])

@@ -39,6 +39,7 @@ class MergeReport(Record):
 
 class GgufVerification(Record):
     rows: int
+    held_out: bool  # the run's held-out rows; False: fixed sample text (a merged folder that carries no rows)
     tokens: int
     top1_agreement: float  # with the merged model, both computed in float32
     mean_kl: float

@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config.schema import ModelSection, QuantizationSection
-from ..eval.scoring import Batch, agreement, batches, loss, tokenized_rows
+from ..eval.scoring import Batch, agreement, batches, loss, reference_logits, tokenized_rows
 from ..model.loading import load_base
 from ..run_folder import RunFolder
 from .report import Verification
@@ -63,7 +63,7 @@ def export_loss(folder: Path, rows: list[Batch], label: str) -> float:
 
 def verify(export_folder: Path, reference, rows: list[Batch], row_count: int, held_out: bool,
            reference_name: str) -> Verification:
-    found = agreement(load_export(export_folder), reference, rows, desc="verifying")
+    found = agreement(load_export(export_folder), reference_logits(reference, rows), rows, desc="verifying")
     with reference.disable_adapter():
         base_loss = loss(reference, rows, desc="scoring the base")
     gain = base_loss - found.reference_loss

@@ -1,0 +1,141 @@
+"""GGUF export benchmark: `lora-tune export --format gguf` against the read+write floor, on a 1.1B LLaMA shape.
+
+Builds once (cached in benchmarks/.cache/export) what a user exports: the merge benchmark's random 1.1B base and r=16
+adapter merged by `lora-tune merge` (its default, fp16), with the LLaMA SentencePiece tokenizer from ../shared saved
+beside it the way a run saves it. Then, per GGUF type, each in its own process with its peak RSS read, taking turns
+--repeats times, each after a `sync`:
+- `lora-tune export --no-verify`;
+- the read+write floor: a Python process without torch that reads every byte of the merged weights and writes as many
+  bytes as that type's GGUF has. No exporter does less I/O.
+`python -c "import torch, transformers, gguf"` is timed too (what any exporter built on them starts with), and the f16
+export once with verification on (the default): read back by transformers' GGUF loader and compared with the merged
+model. Quantized types are not verified here: on random weights every logit is near-equal, so top-1 agreement says
+nothing (the SmolLM2 test in tests/test_real_model.py checks them on real weights).
+
+    python benchmarks/export.py [--types f16,q8_0,q4_0] [--repeats 3]
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from merge import MODELS, build, measure  # the same random 1.1B base and adapter, timed the same way
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "export"
+RESULTS = HERE / "results"
+TOKENIZER = HERE.parents[1] / "shared" / "tokenizers" / "llama"
+FLOOR = """
+import sys
+size, out, sources = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+chunk = memoryview(bytearray(64 << 20))
+written = 0
+with open(out, "wb") as sink:
+    for source in sources:
+        with open(source, "rb", buffering=0) as f:
+            while n := f.readinto(chunk):
+                take = min(n, size - written)
+                written += sink.write(chunk[:take])
+    while written < size:
+        written += sink.write(chunk[:min(len(chunk), size - written)])
+"""
+IMPORTS = "import torch, transformers, gguf"
+
+
+def merged_model() -> Path:
+    """The export's source, built once: a `lora-tune merge` of the random base and adapter, with a real tokenizer."""
+    folder = CACHE / "merged-1b"
+    if not (folder / "tokenizer.json").is_file():
+        if not (TOKENIZER / "tokenizer.model").is_file():
+            raise SystemExit(f"needs the LLaMA tokenizer at {TOKENIZER} (../shared beside the checkout)")
+        base, adapter = build("1b", "1GB")
+        shutil.rmtree(folder, ignore_errors=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "lora_tuner.cli", "merge", str(adapter), "--base", str(base),
+                        "--out", str(folder), "--no-verify"], check=True)
+        from transformers import LlamaTokenizer
+
+        LlamaTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def export_command(source: Path, kind: str, out: Path, verify: bool) -> list[str]:
+    return [sys.executable, "-m", "lora_tuner.cli", "export", str(source), "--type", kind, "--out", str(out),
+            *([] if verify else ["--no-verify"])]
+
+
+def clean(out: Path) -> None:
+    for path in out.parent.glob(f"{out.stem}.*"):
+        path.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default="f16,q8_0,q4_0", help="GGUF types to export, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method (medians are reported)")
+    args = parser.parse_args()
+    source = merged_model()
+    shards = sorted(source.glob("*.safetensors"))
+    source_mb = sum(p.stat().st_size for p in shards) / 2**20
+    out = CACHE / "out.gguf"
+    measure(["cat", *map(str, shards)])  # warm the page cache so every method reads from memory
+
+    kinds = args.types.split(",")
+    runs: dict[str, list[tuple[float, float]]] = {"python + torch, transformers, gguf imports": []}
+    sizes, in_process = {}, {kind: [] for kind in kinds}
+    for _ in range(args.repeats):
+        runs["python + torch, transformers, gguf imports"].append(measure([sys.executable, "-c", IMPORTS]))
+        for kind in kinds:
+            clean(out)
+            os.sync()
+            runs.setdefault(f"lora-tune export {kind}", []).append(measure(export_command(source, kind, out, False)))
+            sizes[kind] = out.stat().st_size
+            in_process[kind].append(json.loads(out.with_suffix(".export_report.json").read_text())["seconds"])
+            clean(out)
+            os.sync()
+            floor = [sys.executable, "-c", FLOOR, str(sizes[kind]), str(out), *map(str, shards)]
+            runs.setdefault(f"read+write floor {kind}", []).append(measure(floor))
+    clean(out)
+    os.sync()
+    verified = measure(export_command(source, "f16", out, True))
+    verification = json.loads(out.with_suffix(".export_report.json").read_text())["verification"]
+    clean(out)
+
+    rows = {name: {"seconds": round(statistics.median(s for s, _ in done), 2),
+                   "min_max_seconds": [round(min(s for s, _ in done), 2), round(max(s for s, _ in done), 2)],
+                   "peak_rss_mb": round(statistics.median(r for _, r in done))} for name, done in runs.items()}
+    rows["lora-tune export f16, verified (the default)"] = {"seconds": round(verified[0], 2),
+                                                            "peak_rss_mb": round(verified[1])}
+    print(f"{'method':46s} {'median s':>9s} {'min-max s':>13s} {'peak RSS MB':>12s}")
+    for name, row in rows.items():
+        spread = "-".join(f"{s:.1f}" for s in row.get("min_max_seconds", []))
+        print(f"{name:46s} {row['seconds']:9.2f} {spread:>13s} {row['peak_rss_mb']:12d}")
+
+    by_type = {}
+    for kind in kinds:
+        ours, floor = rows[f"lora-tune export {kind}"], rows[f"read+write floor {kind}"]
+        by_type[kind] = {"gguf_mb": round(sizes[kind] / 2**20),
+                         "time_vs_floor": round(ours["seconds"] / floor["seconds"], 2),
+                         "in_process_seconds": round(statistics.median(in_process[kind]), 2),
+                         "rss_mb": ours["peak_rss_mb"]}
+        print(f"{kind}: {by_type[kind]}")
+    result = {
+        "device": f"cpu-{os.cpu_count()}cores", "platform": platform.platform(),
+        "model": f"LLaMA-shaped {MODELS['1b']['num_hidden_layers']} layers x {MODELS['1b']['hidden_size']}, merged "
+                 f"fp16, {source_mb:.0f} MB, LLaMA SentencePiece vocabulary",
+        "repeats": args.repeats, "methods": rows, "by_type": by_type,
+        "verification_f16": {k: verification[k] for k in ("rows", "tokens", "top1_agreement", "passed")},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"export-cpu-{os.cpu_count()}cores-1b.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
