@@ -80,12 +80,12 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     data = prepare_data(recipe, tokenizer, source)
     if data.dropped:
         log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
-    with ranks.main_process_first():
-        if ranks.is_main_process and not resume:
-            folder.start()
-            work.write_recipe(recipe)
-            work.write_validation(data.eval or data.train, held_out=bool(data.eval))
-    try:
+    try:  # from the first byte written: a stop or a refusal at any point leaves nothing behind
+        with ranks.main_process_first():
+            if ranks.is_main_process and not resume:
+                folder.start()
+                work.write_recipe(recipe)
+                work.write_validation(data.eval or data.train, held_out=bool(data.eval))
         model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks,
                                  list(callbacks))
     except (UserError, KeyboardInterrupt) as stopped:
