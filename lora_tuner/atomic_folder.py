@@ -3,6 +3,7 @@ renamed into place, so a crash at any moment leaves the previous state readable.
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +48,16 @@ class AtomicFolder:
             raise fail(self.source, self.field, f"cannot write in {str(self.final.parent)!r} ({exc.strerror})",
                        f"choose a writable {self.field}") from None
         return self.partial
+
+    @contextmanager
+    def writing(self):
+        """The started partial folder, removed again if the block ends in an exception or Ctrl-C: nothing
+        half-written is left to block the next attempt."""
+        try:
+            yield self.start()
+        except BaseException:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         """Drop the unfinished output: the work was refused before producing anything worth keeping."""

@@ -1,4 +1,5 @@
 """Merge and export: merged weights behave like base + adapter, stream shard by shard, load without peft."""
+import importlib
 import json
 import resource
 import signal
@@ -244,6 +245,23 @@ def test_an_existing_out_folder_is_kept(tmp_path):
     assert result.exit_code == 2 and "--out" in result.output and "already holds" in result.output
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
     assert CliRunner().invoke(main, args + ["--force"]).exit_code == 0  # and the same merge does work
+
+
+def test_ctrl_c_while_merging_leaves_nothing_and_the_merge_can_be_rerun(tmp_path, monkeypatch):
+    merge_module = importlib.import_module("lora_tuner.export.merge")  # the package exports the function's name
+    base = sharded_base(tmp_path / "base", "llama")
+    random_adapter(base, tmp_path / "adapter")
+    copy_side_files = merge_module._copy_side_files
+
+    def stopped(*args, **kwargs):  # Ctrl-C after the weights are written, before the export is complete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "_copy_side_files", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+    monkeypatch.setattr(merge_module, "_copy_side_files", copy_side_files)
+    assert merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base")).verification.passed
 
 
 @pytest.mark.parametrize("stored,out", [("bfloat16", "bf16"), ("float32", "bf16"), ("bfloat16", "fp32"),

@@ -55,25 +55,26 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     folder.check_free(force)
     _check_disk(sum(e.nbytes for e in entries) * len(targets.value), folder.final.parent, source)
     max_bytes = _max_bytes(shard_size, source)
-    work = folder.start()
-    places = {target: work if i == 0 else work.with_name(f"{work.name}-{target}")
-              for i, target in enumerate(targets.value)}
-    try:
-        with _write_limits_as_one_line(work, max_bytes, source):
+    with folder.writing() as work:  # a failed verification keeps the export there, below, for a look
+        places = {target: work if i == 0 else work.with_name(f"{work.name}-{target}")
+                  for i, target in enumerate(targets.value)}
+        try:
+            with _write_limits_as_one_line(work, max_bytes, source):
+                for target, place in places.items():
+                    place.mkdir(exist_ok=True)
+                    files, out_dtype = _write_weights(deltas, base_folder, place, out_dtype, max_bytes,
+                                                      quantization if target == "dequantized" else None, recipe,
+                                                      source)
+                    _copy_side_files(base_folder, run, place, out_dtype.value)
+            chosen, losses, verification = _check(run, places, targets, base_folder, quantization, recipe,
+                                                  out_dtype, verify, verify_rows, source)
+            if chosen.value != targets.value[0]:
+                shutil.rmtree(work)
+                places[chosen.value].rename(work)
+        finally:
             for target, place in places.items():
-                place.mkdir(exist_ok=True)
-                files, out_dtype = _write_weights(deltas, base_folder, place, out_dtype, max_bytes,
-                                                  quantization if target == "dequantized" else None, recipe, source)
-                _copy_side_files(base_folder, run, place, out_dtype.value)
-        chosen, losses, verification = _check(run, places, targets, base_folder, quantization, recipe, out_dtype,
-                                              verify, verify_rows, source)
-        if chosen.value != targets.value[0]:
-            shutil.rmtree(work)
-            places[chosen.value].rename(work)
-    finally:
-        for target, place in places.items():
-            if place != work:
-                shutil.rmtree(place, ignore_errors=True)
+                if place != work:
+                    shutil.rmtree(place, ignore_errors=True)
     report = MergeReport(
         adapter=str(run.path.resolve()), base=str(base_folder), into=chosen.value, into_reason=chosen.reason,
         dtype=str(out_dtype.value).removeprefix("torch."), dtype_reason=out_dtype.reason,

@@ -30,9 +30,9 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", forc
     with torch.device("meta"):  # no second copy of the weights, and no time spent initialising them
         plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     plain.load_state_dict(loaded.state_dict(), assign=True)
-    work = folder.start()
-    plain.save_pretrained(work)
-    tokenizer.save_pretrained(work)
+    with folder.writing() as work:
+        plain.save_pretrained(work)
+        tokenizer.save_pretrained(work)
     return folder.finish()
 
 
