@@ -90,20 +90,22 @@ def spm_tokenize(text: str, reader: GGUFReader) -> list[int]:
 def test_a_sentencepiece_llama_tokenizes_in_the_gguf_as_in_training(tmp_path):
     """transformers saves SentencePiece tokenizers (LLaMA 1/2, Mistral) as BPE with byte fallback in tokenizer.json
     alone: written as llama.cpp's SentencePiece vocabulary, whose merge order lives in the scores."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer
 
     folder = tmp_path / "llama"
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS["llama"], "vocab_size": 32000})).save_pretrained(
         folder)
     tokenizer = LlamaTokenizer.from_pretrained(SHARED / "tokenizers/llama")
     tokenizer.save_pretrained(folder)
-    report = export_gguf(folder, tmp_path / "llama.gguf", kind="f16", verify_rows=4)
-    assert report.verification.passed and report.verification.tokenizer_round_trip
+    export_gguf(folder, tmp_path / "llama.gguf", kind="f16", verify=False)  # the weights: tested above
     reader = GGUFReader(tmp_path / "llama.gguf")
     assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="llama.gguf")  # transformers' own GGUF reader
     rows = json.loads((SHARED / "data/alpaca_5000.json").read_text())[:40]
     for text in [f"{row['instruction']}\n{row['input']}\n{row['output']}" for row in rows]:
-        assert spm_tokenize(text, reader) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+        trained = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert spm_tokenize(text, reader) == trained, text  # llama.cpp's rule
+        assert read_back(text, add_special_tokens=False)["input_ids"] == trained, text
 
 
 def test_other_architectures_are_refused_in_one_line(tmp_path, tiny_base):
