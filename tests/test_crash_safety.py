@@ -177,7 +177,9 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, unint
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    # a tiny step can finish, save and exit within those 50 ms: then the second Ctrl-C meets the interpreter's
+    # shutdown, which has handed SIGINT back to the OS (-2; a shell shows 130 for both)
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr[-2000:]
     assert "stopping after this step" in stderr and "--resume" in stderr  # acknowledged, and how to go on
     result = resume(out)
     assert result.exit_code == 0, result.output[-2000:]
