@@ -250,6 +250,9 @@ CASES = {
         truncate(p / "model.safetensors"), p)[1])(copy_base(c))), ["--base", "truncated"]),
     "fp8-base-tensor": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), fp8_base(c)),
                         ["--base", "model.norm.weight", "F8_E4M3", "convert the base"]),
+    "base-without-tokenizer": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), (lambda p: (
+        [f.unlink() for f in p.glob("tokenizer*")], p)[1])(copy_base(c))),
+        ["--base", "no tokenizer files", "--no-verify"]),
     "bad-shard-size": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"), None, "--shard-size", "lots"),
                        ["--shard-size", "'lots'"]),
     "dora-adapter": (lambda c: c.merge(adapter_for(c.base("llama"), c.tmp / "adapter", use_dora=True)),

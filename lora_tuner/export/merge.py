@@ -25,6 +25,7 @@ from .weights import MergedWeights
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")  # of those, what a tokenizer is built from
 
 
 class Choice:
@@ -50,6 +51,10 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     out_dtype = _default_dtype(recipe, base_folder) if dtype is None else Choice(DTYPES[dtype], "--dtype")
     entries = plan_entries(base_shards(base_folder, source), out_dtype.value, source)
     _check_fit(deltas, entries, base_folder, source)
+    if verify and not any((_tokenizer_source(run, base_folder) / name).is_file() for name in VOCABULARY_FILES):
+        raise fail(source, "--base", f"no tokenizer files beside the adapter or in {str(base_folder)!r}, and "
+                   "verification scores text", "copy the base model's tokenizer files into its folder, or pass "
+                   "--no-verify")
 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
     folder.check_free(force)
@@ -248,7 +253,7 @@ def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: t
     config.pop("quantization_config", None)  # the export is plain dense weights
     config["dtype"] = str(out_dtype).removeprefix("torch.")
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tokenizer_source = run.path if (run / "tokenizer_config.json").is_file() else base_folder
+    tokenizer_source = _tokenizer_source(run, base_folder)
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, work)
@@ -263,6 +268,11 @@ def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: t
         if eos is not None and eos not in stops:  # generation stops where training's responses ended
             generation["eos_token_id"] = stops + [eos]
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def _tokenizer_source(run: RunFolder, base_folder: Path) -> Path:
+    """The run's own tokenizer (it carries the training chat template) when it saved one, else the base's."""
+    return run.path if (run / "tokenizer_config.json").is_file() else base_folder
 
 
 def _eos_id(folder: Path) -> int | None:
