@@ -113,9 +113,10 @@ def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, qua
     else:
         chosen = Choice(targets.value[0], targets.reason)
     on_4bit = chosen.value == "dequantized"
-    reference = reference_model(base_folder, run.path, quantization if on_4bit else None, source)
     name = f"adapter on the {'4-bit' if on_4bit else 'full-precision'} base (float32)"
-    return chosen, losses, verify_export(places[chosen.value], reference, batches, count, held_out, name)
+    return chosen, losses, verify_export(  # the reference is verify's alone, so it can free it (see there)
+        places[chosen.value], reference_model(base_folder, run.path, quantization if on_4bit else None, source),
+        batches, count, held_out, name)
 
 
 def _write_weights(deltas, base_folder: Path, place: Path, out_dtype: Choice, max_bytes: int,

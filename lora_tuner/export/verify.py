@@ -63,9 +63,11 @@ def export_loss(folder: Path, rows: list[Batch], label: str) -> float:
 
 def verify(export_folder: Path, reference, rows: list[Batch], row_count: int, held_out: bool,
            reference_name: str) -> Verification:
-    found = agreement(load_export(export_folder), reference_logits(reference, rows), rows, desc="verifying")
+    want = reference_logits(reference, rows, desc="scoring the adapter")
     with reference.disable_adapter():
         base_loss = loss(reference, rows, desc="scoring the base")
+    del reference  # callers pass their only reference: freed before the export loads, one float32 model at a time
+    found = agreement(load_export(export_folder), want, rows, desc="verifying")
     gain = base_loss - found.reference_loss
     kept = (base_loss - found.loss) / gain if gain >= GAIN_MEASURABLE else None
     if kept is not None:
