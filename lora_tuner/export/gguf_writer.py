@@ -98,7 +98,7 @@ class GgufExporter:
 
         tokenizer = AutoTokenizer.from_pretrained(self.folder)
         # llama.cpp's SentencePiece tokenizer prepends a space unless told not to; do what the trained one does
-        prefix_space = tokenizer.tokenize("a")[:1] == ["\u2581a"]
+        prefix_space = tokenizer.tokenize("a")[0].startswith("\u2581")  # "\u2581a" (or "\u2581", "a"), not "a"
         if (self.folder / "tokenizer.json").is_file():
             spec = json.loads((self.folder / "tokenizer.json").read_text(encoding="utf-8"))
             if spec["model"].get("type") == "BPE" and spec["model"].get("byte_fallback"):
