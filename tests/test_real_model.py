@@ -73,18 +73,16 @@ def test_training_lowers_held_out_loss_and_the_default_merge_keeps_the_gain(lora
     assert merged.dtype == torch.float16
 
 
-def test_the_merged_model_exports_to_gguf_that_reads_back_as_it(default_merge, tmp_path):
+def test_the_merged_model_exports_to_a_q8_0_gguf_within_its_threshold(default_merge, tmp_path):
     """SmolLM2: GQA (Q and K rows permuted with different head counts), tied embeddings, a byte-level BPE vocabulary
-    and the Alpaca prompt it was tuned on as its chat template. f16 holds the fp16 merge exactly; q8_0 stays within
-    its threshold (q4_0's layout is tested on the tiny model; each read-back here costs ~25 s)."""
-    found = {}
-    for kind in ("f16", "q8_0"):
-        found[kind] = export_gguf(default_merge[0], tmp_path / f"{kind}.gguf", kind=kind, verify_rows=4).verification
-        print(f"{kind}: top-1 {found[kind].top1_agreement:.1%}, KL {found[kind].mean_kl:.1e}")
-    assert found["f16"].top1_agreement == 1.0 and found["f16"].max_abs_logit_diff == 0.0
-    assert all(v.passed and v.tokenizer_round_trip for v in found.values())
-    assert found["f16"].mean_kl < found["q8_0"].mean_kl  # q8_0 is actually quantized
-    reader = GGUFReader(tmp_path / "f16.gguf")
+    and the Alpaca prompt it was tuned on as its chat template. Quantization is judged on real weights only (random
+    logits are near-equal everywhere); f16's exact read-back is tested on the tiny model (tests/test_gguf.py), since
+    each read-back here costs ~25 s."""
+    v = export_gguf(default_merge[0], tmp_path / "q8_0.gguf", kind="q8_0", verify_rows=4).verification
+    print(f"q8_0: top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}")
+    assert v.passed and v.tokenizer_round_trip and v.top1_agreement >= 0.95
+    assert 0 < v.mean_kl < 0.01  # quantized, and close: a wrong Q/K permutation agrees on a few percent of tokens
+    reader = GGUFReader(tmp_path / "q8_0.gguf")
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
     assert "Below is an instruction" in bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()  # as trained
 
