@@ -92,13 +92,13 @@ def test_qlora_merges_into_what_it_saw_and_auto_keeps_the_better(smollm2, tmp_pa
     recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"mode": "4bit"})})
     trained = run(recipe, output=str(tmp_path / "run"))
 
-    into_seen = merge(trained.folder, tmp_path / "dequantized", into="dequantized", verify_rows=8)
+    into_seen = merge(trained.folder, tmp_path / "dequantized", into="dequantized", verify_rows=4)
     v = into_seen.verification
     print(f"dequantized: top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}, loss {v.loss_export:.4f} "
           f"vs adapter on 4-bit {v.loss_adapter:.4f}")
     assert v.passed and "4-bit" in v.reference
 
-    auto = merge(trained.folder, tmp_path / "auto", verify_rows=8)
+    auto = merge(trained.folder, tmp_path / "auto", verify_rows=4)
     losses = auto.heldout_loss_by_target
     print(f"--into auto: {auto.into_reason}")
     assert set(losses) == {"dequantized", "original"} and auto.into == min(losses, key=losses.get)
