@@ -131,8 +131,13 @@ def main() -> None:
         "repeats": args.repeats, "methods": rows, "by_type": by_type,
         "verification_f16": {k: verification[k] for k in ("rows", "tokens", "top1_agreement", "passed")},
     }
+    write_result("export", result)
+
+
+def write_result(kind: str, result: dict) -> None:
+    """results/KIND-cpu-Ncores-1b.json: the device in the name, as every benchmark here writes it."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"export-cpu-{os.cpu_count()}cores-1b.json"
+    path = RESULTS / f"{kind}-cpu-{os.cpu_count()}cores-1b.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

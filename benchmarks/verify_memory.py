@@ -8,17 +8,13 @@ tokenizer beside it: verification scores text, so it needs one.
     python benchmarks/verify_memory.py [--repeats 2]
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
-from pathlib import Path
 
-from export import merged_model  # builds the base, the adapter and the tokenizer files once
+from export import merged_model, write_result  # builds the base, the adapter and the tokenizer files once
 from merge import CACHE, build, measure
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -50,10 +46,7 @@ def main() -> None:
               "repeats": args.repeats, "methods": rows,
               "before_one_model_at_a_time": "merge verified, measured once at commit 5e73248 (both float32 models "
                                             "held together, bf16 export): 41.96 s, 11,285 MB"}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"verify-memory-cpu-{os.cpu_count()}cores-1b.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result("verify-memory", result)
 
 
 if __name__ == "__main__":
