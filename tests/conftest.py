@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lora_tuner.config.schema import ModelSection
 from lora_tuner.data.demo_tasks import demo_tasks
@@ -46,6 +48,23 @@ def alpaca_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "tasks.json"
     path.write_text(json.dumps(demo_tasks(400, seed=1)), encoding="utf-8")
     return str(path)
+
+
+def sharded_base(folder, kind, shard="100KB", **config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS[kind], **config}))
+    model.save_pretrained(folder, max_shard_size=shard)
+    byte_tokenizer().save_pretrained(folder)
+    return model
+
+
+def random_adapter(base_model, folder, **lora):
+    """A LoRA adapter with non-zero B (as after training), saved the standard PEFT way."""
+    torch.manual_seed(1)
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora})
+    peft_model = get_peft_model(base_model, config)
+    peft_model.save_pretrained(folder)
+    return peft_model
 
 
 def recipe_dict(base: str, data_path: str, **sections) -> dict:

@@ -10,37 +10,19 @@ import textwrap
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import CONFIGS, recipe_dict, write_recipe
+from conftest import random_adapter, recipe_dict, sharded_base, write_recipe
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
 from lora_tuner.export.streaming import CHUNK_BYTES
 from lora_tuner.model.loading import load_base
-from lora_tuner.model.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130, 140, 150]])
-
-
-def sharded_base(folder, kind, shard="100KB", **config):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS[kind], **config}))
-    model.save_pretrained(folder, max_shard_size=shard)
-    byte_tokenizer().save_pretrained(folder)
-    return model
-
-
-def random_adapter(base_model, folder, **lora):
-    """A LoRA adapter with non-zero B (as after training), saved the standard PEFT way."""
-    torch.manual_seed(1)
-    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora})
-    peft_model = get_peft_model(base_model, config)
-    peft_model.save_pretrained(folder)
-    return peft_model
 
 
 def logits(model):

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..errors import fail
 from ..run_folder import RunFolder, write_atomically
-from .scoring import batches, loss, perplexity, tokenized_rows
+from ..verify.scoring import batches, loss, perplexity, tokenized_rows
 
 DEFAULT_MAX_LENGTH = 1024
 SHOWN_PROMPT = 300  # characters of each prompt quoted in eval.md
@@ -89,14 +89,12 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
         with pool.use("adapter") as model:
             models.append(Scored("base + adapter", *_measure(model, scored_rows, "scoring base + adapter")))
     if merged is not None:
-        from transformers import AutoConfig
+        from ..export.weights import streamed_source
 
-        from ..export.verify import load_export
-
-        export = load_export(Path(merged))
-        stored = str(AutoConfig.from_pretrained(merged).dtype).removeprefix("torch.")  # as stored, as computed
-        models.append(Scored(f"merged {Path(merged).name} ({stored})",
-                             *_measure(export, scored_rows, "scoring the export")))
+        export = streamed_source(Path(merged), "the export", str(merged))  # streamed: fits at any size, in float32
+        stored = str(export.config.dtype).removeprefix("torch.")
+        models.append(Scored(f"merged {Path(merged).name} ({stored}, computed in float32)",
+                             *_measure(export.model(), scored_rows, "scoring the export")))
     _gains(models)
     report = EvalReport(str(target.path), where, held_out, len(tokenized), sum(len(b.targets) for b in scored_rows),
                         models, str(pool.model.dtype).removeprefix("torch.") if pool else None,

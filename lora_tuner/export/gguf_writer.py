@@ -24,11 +24,12 @@ PRE_TOKENIZERS = {"ByteLevel": "gpt2"}
 
 
 class GgufExporter:
-    def __init__(self, model_folder: Path, kind: str, source: str):
-        """model_folder: the merged model (config.json and tokenizer files); kind: one of TYPES."""
+    def __init__(self, model_folder: Path, kind: str, source: str, model_name: str):
+        """model_folder: the merged model (config.json and tokenizer files); kind: one of TYPES; model_name: the
+        general.name llama.cpp and Ollama show (the run's, not a temporary folder's)."""
         import gguf
 
-        self.gguf, self.folder, self.kind, self.source = gguf, model_folder, kind, source
+        self.gguf, self.folder, self.kind, self.source, self.model_name = gguf, model_folder, kind, source, model_name
         self.has_chat_template = False
         self.config = json.loads((model_folder / "config.json").read_text(encoding="utf-8"))
         architecture = (self.config.get("architectures") or ["?"])[0]
@@ -74,7 +75,7 @@ class GgufExporter:
         heads = c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
         rope = c.get("rope_parameters") or {}
-        writer.add_name(self.folder.name)
+        writer.add_name(self.model_name)
         writer.add_context_length(c["max_position_embeddings"])
         writer.add_embedding_length(c["hidden_size"])
         writer.add_block_count(c["num_hidden_layers"])

@@ -72,7 +72,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
                                                       source)
                     _copy_side_files(base_folder, run, place, out_dtype.value)
             chosen, losses, verification = _check(run, places, targets, base_folder, quantization, recipe,
-                                                  out_dtype, verify, verify_rows, source)
+                                                  deltas, verify, verify_rows, source)
             if chosen.value != targets.value[0]:
                 shutil.rmtree(work)
                 places[chosen.value].rename(work)
@@ -96,27 +96,36 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
 
 
 def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, quantization: QuantizationSection,
-           recipe: Recipe | None, out_dtype: Choice, verify: bool, rows: int | None, source: str):
-    """(the merge target kept, each target's held-out loss, the kept export's verification)."""
+           recipe: Recipe | None, deltas: LoraDeltas, verify: bool, rows: int | None, source: str):
+    """(the merge target kept, each target's held-out loss, the kept export's verification). Every model is
+    streamed a module at a time (verify/streamed.py), so this needs a few tensors in memory at any model size."""
     if not verify:
         return Choice(targets.value[0], targets.reason), {}, None
-    from .verify import ROWS, export_loss, reference_model, verification_rows
-    from .verify import verify as verify_export
+    from ..verify.streamed import config_of
+    from ..verify.verdict import ROWS, export_loss, verification_rows, verify_merge
+    from .weights import streamed_source
 
-    batches, count, held_out = verification_rows(run, places[targets.value[0]], rows or ROWS)
+    config = config_of(places[targets.value[0]])  # the export's: the base's without quantization_config
+    load_dtype = getattr(torch, recipe.model.dtype) if recipe else None
+
+    def model(folder: Path, name: str, adapter: LoraDeltas | None = None, on_4bit: bool = False):
+        return streamed_source(folder, name, source, config, adapter, quantization if on_4bit else None, load_dtype)
+
+    checked = verification_rows(run, places[targets.value[0]], rows or ROWS)
     losses = {}
     if len(targets.value) > 1:
-        losses = {target: export_loss(place, batches, f"--into {target}") for target, place in places.items()}
+        losses = {target: export_loss(model(place, f"--into {target}"), checked) for target, place in places.items()}
         best = min(losses, key=losses.get)
         chosen = Choice(best, "auto: " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items()) +
                         f" held-out loss; {best} kept")
     else:
         chosen = Choice(targets.value[0], targets.reason)
     on_4bit = chosen.value == "dequantized"
-    name = f"adapter on the {'4-bit' if on_4bit else 'full-precision'} base (float32)"
-    return chosen, losses, verify_export(  # the reference is verify's alone, so it can free it (see there)
-        places[chosen.value], reference_model(base_folder, run.path, quantization if on_4bit else None, source),
-        batches, count, held_out, name)
+    where = "4-bit" if on_4bit else "full-precision"
+    return chosen, losses, verify_merge(
+        model(places[chosen.value], "the export"),
+        model(base_folder, f"adapter on the {where} base (float32)", deltas, on_4bit),
+        model(base_folder, f"the {where} base", None, on_4bit), checked)
 
 
 def _write_weights(deltas, base_folder: Path, place: Path, out_dtype: Choice, max_bytes: int,

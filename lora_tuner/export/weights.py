@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 
 from ..config.schema import QuantizationSection
+from ..verify.streamed import WeightMap, config_of, tied_aliases
+from ..verify.verdict import Source
 from .base_reader import Entry, base_shards, mapped_rows, plan_entries
 from .lora_deltas import LoraDeltas
 
@@ -60,3 +62,16 @@ class MergedWeights:
         out = torch.empty(rows.shape, dtype=torch.float32)
         self.merge_rows(entry, rows, 0, out, torch.empty(max(2**19, entry.row_elements), dtype=torch.float32))
         return out.view(entry.shape)
+
+    def weight_map(self, aliases: dict[str, str] | None = None) -> WeightMap:
+        """Every tensor by name, merged in float32 when read: what a streamed model (verify/streamed.py) runs on."""
+        by_name = {entry.name: entry for entry in self.entries}
+        return WeightMap(list(by_name), lambda name: self.tensor(by_name[name]), aliases)
+
+
+def streamed_source(folder: Path, name: str, source: str, config=None, deltas: LoraDeltas | None = None,
+                    quantization: QuantizationSection | None = None, load_dtype: torch.dtype | None = None) -> Source:
+    """A model folder's weights, with an adapter's delta added when given, as a streamed model to score (float32)."""
+    config = config or config_of(folder)
+    weights = MergedWeights.of(folder, torch.float32, source, deltas, quantization, load_dtype)
+    return Source(config, weights.weight_map(tied_aliases(config)), name)

@@ -1,5 +1,5 @@
 """Scoring models on prompt/completion rows the way training scores them: response tokens only, each row tokenized
-as training tokenized it. Used by `lora-tune eval` and by merge/export verification."""
+as training tokenized it. Used by `lora-tune eval` and by merge/export verification (verdict.py)."""
 import math
 from dataclasses import dataclass
 
@@ -28,10 +28,10 @@ def tokenized_rows(tokenizer, examples: list[dict], max_length: int) -> list[Tok
             for r in rows if len(r.prompt_ids) < max_length]
 
 
-def batches(rows: list[TokenizedExample], pad_id: int) -> list[Batch]:
+def batches(rows: list[TokenizedExample], pad_id: int, size: int = BATCH_ROWS) -> list[Batch]:
     found = []
-    for start in range(0, len(rows), BATCH_ROWS):
-        chunk = [r.training_row(train_on_inputs=False) for r in rows[start:start + BATCH_ROWS]]
+    for start in range(0, len(rows), max(size, 1)):
+        chunk = [r.training_row(train_on_inputs=False) for r in rows[start:start + max(size, 1)]]
         length = max(len(r["input_ids"]) for r in chunk)
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), length), IGNORE, dtype=torch.long)
@@ -49,6 +49,7 @@ def batches(rows: list[TokenizedExample], pad_id: int) -> list[Batch]:
 def response_logits(model, batch: Batch) -> torch.Tensor:
     """[scored tokens, vocab] fp32 logits; the LM head runs on those positions only (logits_to_keep)."""
     device = next(model.parameters()).device
+    device = torch.device("cpu") if device.type == "meta" else device  # a streamed model (streamed.py) runs on CPU
     out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                 logits_to_keep=batch.scored.to(device), use_cache=False)
     return out.logits.reshape(-1, out.logits.shape[-1]).float().cpu()

@@ -1,0 +1,29 @@
+"""A GGUF file's tensors as a streamed model's weights: each read from the mapped file, dequantized and renamed when a
+module needs it. The names and the rotary un-permutation come from transformers' GGUF loader, not from our writer, so
+the read-back is independent of the code that wrote the file (a writer bug the reader mirrored would pass unseen)."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..verify.streamed import WeightMap, tied_aliases
+
+
+def gguf_weight_map(file: Path, config) -> WeightMap:
+    """Hugging Face parameter name -> float32 tensor of the GGUF at `file`, for a model of `config`."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
+    to_hf = get_gguf_hf_weights_map(model, processor)
+    tensors = {to_hf[tensor.name]: tensor for tensor in gguf.GGUFReader(file).tensors if tensor.name in to_hf}
+
+    def read(name: str) -> torch.Tensor:
+        tensor = tensors[name]
+        values = processor.process(gguf.dequantize(tensor.data, tensor.tensor_type), tensor.name).weights
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+
+    return WeightMap(list(tensors), read, tied_aliases(config))

@@ -1,0 +1,67 @@
+"""A model computed one module at a time from weights read on demand, so verifying a 7B export needs a few of its
+tensors in memory, never the model.
+
+accelerate's offload hooks do the streaming: the model is built from its config on the meta device (buffers such
+as rotary tables stay real), and before each module runs its weights are taken from a mapping and freed again after
+it. The mapping is lazy: each name read computes that one tensor in float32 from wherever it lives (a safetensors
+shard with an adapter's delta added, a GGUF tensor dequantized). Any architecture transformers builds works, since
+the model's own forward runs unchanged."""
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+
+class WeightMap(Mapping):
+    """name -> float32 tensor, each computed when read. aliases: names the model asks for that are stored under
+    another (a tied output head reads the embedding)."""
+
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor], aliases: dict[str, str] | None = None):
+        self.names, self.read, self.aliases = set(names), read, aliases or {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stored = self.aliases.get(name, name)
+        if stored not in self.names:
+            raise KeyError(name)
+        return self.read(stored)
+
+    def __contains__(self, name) -> bool:
+        return self.aliases.get(name, name) in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def tied_aliases(config) -> dict[str, str]:
+    """The output head's name -> the embedding it shares, for models that tie them (the head is not stored)."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(module): name for name, module in model.named_modules()}
+    return {f"{names[id(head)]}.weight": f"{names[id(embedding)]}.weight"}
+
+
+def config_of(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def streamed_model(config, weights: Mapping) -> torch.nn.Module:
+    """The model of `config` in float32 on the CPU, each module's weights read from `weights` as it runs."""
+    from accelerate import cpu_offload, init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables and masks computed
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in weights)
+    if missing:
+        raise KeyError(f"no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return cpu_offload(model.eval(), torch.device("cpu"), state_dict=weights)

@@ -1,0 +1,111 @@
+"""Verification streams every model a module at a time (lora_tuner/verify/streamed.py) and must give the numbers a
+whole model in memory gives: the reference (base + adapter, float32), the base and the export, on tiny LLaMA (tied
+and untied, GQA) and GPT-J shapes; the GGUF read-back likewise. And it must hold a few tensors, not the model."""
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import random_adapter, sharded_base
+from lora_tuner import merge
+from lora_tuner.export.lora_deltas import LoraDeltas
+from lora_tuner.export.weights import streamed_source
+from lora_tuner.run_folder import RunFolder
+from lora_tuner.verify.scoring import loss, reference_logits
+from lora_tuner.verify.verdict import verification_rows
+
+pytestmark = pytest.mark.slow
+
+SHAPES = {"llama-tied": ("llama", dict(tie_word_embeddings=True)),
+          "llama-gqa": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False)), "gptj": ("gptj", {})}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_streamed_verification_equals_whole_models(tmp_path, shape):
+    kind, config = SHAPES[shape]
+    base = sharded_base(tmp_path / "base", kind, **config)
+    peft_model = random_adapter(base, tmp_path / "adapter").eval()
+    report = merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), dtype="fp16")
+    rows = verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out")
+
+    streamed = streamed_source(tmp_path / "base", "reference", "test",
+                               deltas=LoraDeltas(tmp_path / "adapter", "test")).model()
+    assert next(streamed.parameters()).device.type == "meta"  # nothing held between calls
+    for got, want in zip(reference_logits(streamed, rows.batches), reference_logits(peft_model, rows.batches)):
+        assert relative(got, want) < 1e-5
+
+    v = report.verification
+    with peft_model.disable_adapter():
+        base_loss = loss(peft_model, rows.batches)
+    export = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    for found, whole in ((v.loss_adapter, loss(peft_model, rows.batches)), (v.loss_base, base_loss),
+                         (v.loss_export, loss(export, rows.batches))):
+        assert abs(found - whole) <= 1e-5 * abs(whole)
+    assert v.passed and v.tokens == sum(len(b.targets) for b in rows.batches) > 0
+
+
+def test_a_tiny_gain_is_judged_by_what_rounding_costs_and_a_wrong_merge_still_fails(tmp_path):
+    """An adapter that barely moved the loss: its fp16 export passes on the rounding rule. The same adapter merged at
+    the wrong scale (its B doubled in the weights written) fails, whichever rule applies."""
+    base = sharded_base(tmp_path / "base", "llama")
+    random_adapter(base, tmp_path / "adapter", init_lora_weights=False)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "adapter/adapter_model.safetensors")
+    small = {k: v * 0.05 if ".lora_B." in k else v for k, v in weights.items()}
+    save_file(small, tmp_path / "adapter/adapter_model.safetensors")
+    v = merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), dtype="fp16").verification
+    assert v.passed and v.loss_rule == "rounding", v.why
+    assert abs(v.loss_export - v.loss_adapter) <= 0.005
+
+    large = {k: v * 40 if ".lora_B." in k else v for k, v in small.items()}  # a clear gain or loss now
+    save_file(large, tmp_path / "adapter/adapter_model.safetensors")
+    good = merge(tmp_path / "adapter", tmp_path / "good", base=str(tmp_path / "base")).verification
+    assert good.passed
+    doubled = {k: v * 2 if ".lora_B." in k else v for k, v in large.items()}
+    save_file(doubled, tmp_path / "adapter/adapter_model.safetensors")
+    merge(tmp_path / "adapter", tmp_path / "wrong", base=str(tmp_path / "base"), verify=False)
+    save_file(large, tmp_path / "adapter/adapter_model.safetensors")  # verified against the real adapter
+    from lora_tuner.verify.verdict import verify_merge
+
+    reference = streamed_source(tmp_path / "base", "ref", "t", deltas=LoraDeltas(tmp_path / "adapter", "t"))
+    wrong = verify_merge(streamed_source(tmp_path / "wrong", "export", "t"), reference,
+                         streamed_source(tmp_path / "base", "base", "t"),
+                         verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out"))
+    assert not wrong.passed, wrong.why
+
+
+def test_verification_holds_a_few_tensors_not_the_model(tmp_path):
+    """The verified merge of a ~170 MB float32 model grows peak RSS by well under a quarter of it: each module's
+    weights are read when it runs and freed after."""
+    base = sharded_base(tmp_path / "base", "llama", shard="20MB", hidden_size=768, intermediate_size=2048,
+                        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
+    random_adapter(base, tmp_path / "adapter", r=4)
+    model_mb = sum(p.numel() for p in base.parameters()) * 4 / 1e6
+    script = textwrap.dedent(f"""
+        import re
+        from lora_tuner import merge
+        def rss(field):
+            return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1e3
+        def run(out):
+            return merge({str(tmp_path / 'adapter')!r}, out, base={str(tmp_path / 'base')!r}, shard_size="20MB")
+        run({str(tmp_path / 'warm-up')!r})  # first use pages in library code; that is not the verification's data
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+        before = rss("VmRSS")
+        assert run({str(tmp_path / 'out')!r}).verification.passed
+        print(rss("VmHWM") - before)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = float(re.findall(r"[\d.]+", done.stdout.strip().splitlines()[-1])[0])
+    print(f"model {model_mb:.0f} MB in float32; verified merge peak RSS growth {peak_mb:.0f} MB")
+    assert model_mb > 150 and peak_mb < model_mb / 4
