@@ -277,3 +277,25 @@ def test_every_dtype_pair_merges_as_fp32_arithmetic_rounded_once(tmp_path, store
         expected = (weight.float() + (delta.float() if delta is not None else 0)).to(target)
         assert merged[name].dtype == target
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("out", ["bf16", "fp16", "fp32"])
+def test_every_merged_chunk_is_checked_against_the_formula(tmp_path, monkeypatch, out):
+    """A merge that puts merged rows in the wrong order is caught chunk by chunk before anything is put in place, in
+    every output dtype; the correct merge passes the same check."""
+    from lora_tuner.export.lora_deltas import LoraDeltas
+    from lora_tuner.export.streaming import MergeCheckFailed
+
+    base = sharded_base(tmp_path / "base", "llama")
+    random_adapter(base, tmp_path / "adapter")
+    merge(tmp_path / "adapter", tmp_path / "good", base=str(tmp_path / "base"), dtype=out, verify=False)
+    right_rows = LoraDeltas.merge_rows
+
+    def rows_swapped(self, base_key, rows, first_row, out, scratch):
+        right_rows(self, base_key, rows, first_row, out, scratch)
+        out.copy_(out.flip(0))
+
+    monkeypatch.setattr(LoraDeltas, "merge_rows", rows_swapped)
+    with pytest.raises(MergeCheckFailed, match="differ from the base"):
+        merge(tmp_path / "adapter", tmp_path / "bad", base=str(tmp_path / "base"), dtype=out, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "good"]

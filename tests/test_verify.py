@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import random_adapter, sharded_base

@@ -59,7 +59,7 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
         out.with_suffix(".export_report.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if verification is not None and not verification.passed:
             raise fail(name, "verification", f"the {kind} GGUF agrees with the merged model on "
-                       f"{verification.top1_agreement:.1%} of top-1 tokens (needs {verification.min_top1:.0%})"
+                       f"{verification.top1_agreement:.1%} of top-1 tokens (needs {verification.min_top1:.1%})"
                        + ("" if verification.tokenizer_round_trip else " and its vocabulary encodes text differently"),
                        "try --type q8_0 or f16; the report is beside --out")
         _write_modelfile(model_folder, out)

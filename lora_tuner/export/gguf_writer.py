@@ -19,8 +19,15 @@ TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # LLaMA 1/2/3, Mistral, SmolLM: llama.cpp's "llama"
 SENSITIVE = ("token_embd.weight", "output.weight")  # kept at q8_0 in a q4_0 file
-# tokenizer.json pre-tokenizer -> llama.cpp's name for it (tokenizer.ggml.pre); others are refused
-PRE_TOKENIZERS = {"ByteLevel": "gpt2"}
+# tokenizer.ggml.pre names the regular expressions llama.cpp splits text with before BPE (llama-vocab.cpp); a name it
+# does not know makes it refuse the file ("unknown pre-tokenizer type"). llama.cpp's converter finds the name by hashing
+# a tokenizer's output on a check text, which knows only published tokenizers; here it is read from tokenizer.json's
+# pre_tokenizer, which is what the name stands for, so any tokenizer built on the same splitting is named right (and
+# verification then tokenizes sample text in llama.cpp itself). Keys: the pre-tokenizer steps, as pre_tokenizer_steps.
+PRE_TOKENIZERS = {
+    ("ByteLevel+regex",): "gpt-2",  # GPT-2's regular expression
+    ("Digits(individual)", "ByteLevel+regex"): "smollm",  # each digit alone, then GPT-2's (SmolLM, StarCoder)
+}
 
 
 class GgufExporter:
@@ -126,10 +133,11 @@ class GgufExporter:
         if model.get("type") != "BPE" or not model.get("merges"):
             raise fail(self.source, "tokenizer", f"a {model.get('type')} tokenizer without BPE merges",
                        "gguf export covers BPE (tokenizer.json) and SentencePiece (tokenizer.model) tokenizers")
-        pre = (spec.get("pre_tokenizer") or {}).get("type")
+        pre = pre_tokenizer_steps(spec.get("pre_tokenizer"))
         if pre not in PRE_TOKENIZERS:
-            raise fail(self.source, "tokenizer", f"pre-tokenizer {pre!r} has no llama.cpp name here",
-                       "convert the merged export with llama.cpp's convert_hf_to_gguf.py, which knows more")
+            raise fail(self.source, "tokenizer", f"pre-tokenizer {' + '.join(pre) or 'none'} has no name llama.cpp "
+                       "knows here, so llama.cpp would refuse the file", "convert the merged export with llama.cpp's "
+                       "convert_hf_to_gguf.py, which knows more tokenizers")
         tokens, kinds = self._vocabulary(spec)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(PRE_TOKENIZERS[pre])
@@ -230,6 +238,21 @@ class GgufExporter:
         if kind.name in ("F32", "F16"):  # torch converts ~8x faster than numpy's astype (vectorised, threaded)
             return tensor.to(torch.float32 if kind.name == "F32" else torch.float16).numpy()
         return self.gguf.quants.quantize(tensor.float().numpy(), kind)
+
+
+def pre_tokenizer_steps(spec: dict | None) -> tuple[str, ...]:
+    """tokenizer.json's pre_tokenizer as the steps that decide how text is split, e.g. ('Digits(individual)',
+    'ByteLevel+regex'); a ByteLevel that adds a prefix space or splits nothing itself is named so, and never matches."""
+    steps = (spec.get("pretokenizers") or []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    names = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            kind += ("+regex" if step.get("use_regex", True) else "") + ("+prefix" if step.get("add_prefix_space") else "")
+        elif kind == "Digits":
+            kind += "(individual)" if step.get("individual_digits") else "(grouped)"
+        names.append(kind)
+    return tuple(names)
 
 
 def rotary_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:

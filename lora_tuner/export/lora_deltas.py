@@ -9,6 +9,7 @@ from ..run_folder import RunFolder
 from ..safe_files import open_safetensors
 
 PEFT_PREFIX = "base_model.model."
+CHECK_ELEMENTS = 2**15  # per block of check_rows: 128 KB temporaries
 
 
 class LoraDeltas:
@@ -47,6 +48,28 @@ class LoraDeltas:
             block.copy_(rows[start:end])
             block.addmm_(left[first_row + start:first_row + end], right, alpha=scale)
             out[start:end].copy_(block)
+
+    def check_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor) -> bool:
+        """out, as merge_rows wrote it, against rows + scale * B @ A computed again in one product per block (not
+        merge_rows' blocked additions) in float32: within out's rounding (one unit in its last place) plus what
+        float32 itself may differ by between two evaluations of the same sum. Catches a wrong row, a block written
+        twice, a buffer two threads shared, a NaN. Blocks of CHECK_ELEMENTS keep its temporaries small."""
+        if base_key not in self.targets:
+            return torch.equal(out, rows.to(out.dtype))
+        left, right, scale = self._factors[base_key]
+        step = max(1, CHECK_ELEMENTS // rows.shape[1])
+        for start in range(0, len(rows), step):
+            base = rows[start:start + step].to(torch.float32, copy=True)  # copies: both are changed in place below
+            got = out[start:start + step].to(torch.float32, copy=True)
+            part = left[first_row + start:first_row + start + len(base)]
+            # terms: the size of what is summed, which bounds float32's own error when the sum nearly cancels
+            terms = base.abs().add_(part.abs() @ right.abs(), alpha=scale)
+            exact = base.addmm_(part, right, alpha=scale)
+            slack = terms.mul_((right.shape[0] + 2) * torch.finfo(torch.float32).eps).add_(
+                exact.abs().mul_(torch.finfo(out.dtype).eps))
+            if not (got.sub_(exact).abs_() <= slack).all():
+                return False
+        return True
 
     def _delta_factors(self, base_key: str, tensors: dict, source: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(left, right, scale) with delta = scale * left @ right in the base's weight layout, in fp32."""

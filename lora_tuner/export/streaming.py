@@ -27,6 +27,10 @@ class Float16Overflow(Exception):
         self.name = name
 
 
+class MergeCheckFailed(RuntimeError):
+    """A merged chunk is not W + scale * B @ A within its dtype's rounding: a bug in the merge, never the user's."""
+
+
 class SafetensorsExporter:
     """Sharded safetensors + index, as save_pretrained writes them; shards of at most max_bytes."""
 
@@ -67,6 +71,9 @@ def _merge_chunk(weights: MergedWeights, entry: Entry, rows_of, start: int, stop
     weights.merge_rows(entry, rows, start, out, scratch)
     if entry.dtype == torch.float16 and torch.isinf(out).any():
         raise Float16Overflow(entry.name)
+    if not weights.check_rows(entry, rows, start, out):  # every chunk, before a byte of it is written
+        raise MergeCheckFailed(f"rows {start}-{stop} of {entry.name!r} differ from the base + scale * B @ A by more "
+                               f"than {entry.dtype} rounding; nothing was put in place: please report this")
     shards.write(entry, start * entry.row_elements * entry.dtype.itemsize, raw.numpy().data)
 
 

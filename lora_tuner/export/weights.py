@@ -54,6 +54,12 @@ class MergedWeights:
         else:
             self.deltas.merge_rows(entry.name, rows, first_row, out, scratch)
 
+    def check_rows(self, entry: Entry, rows: torch.Tensor, first_row: int, out: torch.Tensor) -> bool:
+        """merge_rows' output against the formula computed another way (LoraDeltas.check_rows)."""
+        if self.deltas is None:
+            return torch.equal(out, rows.to(out.dtype))
+        return self.deltas.check_rows(entry.name, rows, first_row, out)
+
     def tensor(self, entry: Entry) -> torch.Tensor:
         """The whole merged tensor in float32 (floating-point tensors), for writers that need it at once."""
         rows = self.rows_of(entry)(0, entry.rows)

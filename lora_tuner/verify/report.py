@@ -24,12 +24,13 @@ class Verification(Record):
 
 
 class GgufVerification(Record):
+    judge: str  # what loaded the file and computed its logits: llama.cpp itself, or transformers' reader without it
     rows: int
     held_out: bool  # the run's held-out rows; False: fixed sample text (a merged folder that carries no rows)
     tokens: int
     top1_agreement: float  # with the merged model, both computed in float32
     mean_kl: float
     max_abs_logit_diff: float
-    tokenizer_round_trip: bool  # the GGUF's vocabulary encodes the sample text to the same ids
+    tokenizer_round_trip: bool  # the judge tokenizes sample text and the rows to the trained tokenizer's ids
     min_top1: float  # the threshold for this type
     passed: bool

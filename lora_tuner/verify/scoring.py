@@ -76,18 +76,16 @@ class Agreement:
 
 
 def reference_logits(model, rows: list[Batch], desc: str | None = None) -> list[torch.Tensor]:
-    """The model's logits at response positions, batch by batch: kept so that the model can be freed before the one
-    compared with it loads (two float32 copies of a 1B model peak at 11 GB, one at 7 GB)."""
+    """The model's logits at response positions, batch by batch (what agreement compares)."""
     return [response_logits(model, batch) for batch in tqdm(rows, desc=desc, unit="batch", leave=False,
                                                             disable=desc is None)]
 
 
-def agreement(model, reference: list[torch.Tensor], rows: list[Batch], desc: str | None = None) -> Agreement:
-    """model against the reference's logits (reference_logits) on the same rows."""
+def agreement(found: list[torch.Tensor], reference: list[torch.Tensor], rows: list[Batch]) -> Agreement:
+    """Logits at response positions (reference_logits, batch by batch) against the reference's on the same rows."""
     tokens = same = 0
     kl = model_loss = reference_loss = max_diff = 0.0
-    for batch, want in tqdm(list(zip(rows, reference)), desc=desc, unit="batch", leave=False, disable=desc is None):
-        got = response_logits(model, batch)
+    for batch, got, want in zip(rows, found, reference):
         tokens += len(batch.targets)
         same += (got.argmax(-1) == want.argmax(-1)).sum().item()
         kl += F.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="sum").item()

@@ -21,6 +21,7 @@ decided. A merge of wrong rows, scale or layout moves the loss by far more than 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import fail
 from ..run_folder import RunFolder
 from .report import GgufVerification, Verification
 from .scoring import Batch, agreement, batches, loss, reference_logits, tokenized_rows
@@ -37,7 +38,11 @@ FALLBACK = ["Below is an instruction that describes a task.", "The quick brown f
 # merged in that dtype): 100% measured. q8_0 and q4_0 from SmolLM2-135M (16 held-out rows, 1,002 tokens): 98.7% and
 # 70.3%; a 135M model loses much to 4 bits, and a broken export (e.g. unpermuted Q/K rows) agrees on a few percent.
 GGUF_MIN_TOP1 = {"f16": 0.999, "bf16": 0.999, "q8_0": 0.95, "q4_0": 0.60}
-SAMPLE_TEXT = ["Hello world! 123 + 456 = 579.", "  leading spaces, tabs\tand\nnewlines", "naïve café, 東京, emoji 🙂",
+LLAMA_CPP_LOGITS_MAX_BYTES = 2 * 2**30
+# Tokenized by the GGUF's judge and the trained tokenizer alike, with the verification rows' own text. Not a run of
+# spaces at the start of a text: there transformers' conversion of SentencePiece tokenizers to BPE (LLaMA 1/2) splits
+# "  a" as "▁▁" "a" where SentencePiece itself, and llama.cpp with it, gives "▁▁" "▁a".
+SAMPLE_TEXT = ["Hello world! 123 + 456 = 579.", "tabs\tand\nnewlines,  two spaces", "naïve café, 東京, emoji 🙂",
                "def f(x):\n    return {'a': [1, 2]}"]
 
 
@@ -57,6 +62,7 @@ class Rows:
     batches: list[Batch]
     count: int
     held_out: bool  # the run's held-out rows; False: fixed sample text or rows training saw
+    texts: list[str]  # the rows' plain text, for tokenizer checks
 
 
 def verification_rows(run: RunFolder, tokenizer_folder: Path, rows: int = ROWS) -> Rows:
@@ -70,7 +76,8 @@ def verification_rows(run: RunFolder, tokenizer_folder: Path, rows: int = ROWS) 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     max_length = run.recipe().data.max_length if run.is_run else MAX_LENGTH
     tokenized = tokenized_rows(tokenizer, examples[:rows], min(max_length, MAX_LENGTH))
-    return Rows(batches(tokenized, tokenizer.pad_token_id or 0, len(tokenized)), len(tokenized), held_out)
+    texts = [e["prompt"] + e["completion"] for e in examples[:rows] if isinstance(e["prompt"], str)]
+    return Rows(batches(tokenized, tokenizer.pad_token_id or 0, len(tokenized)), len(tokenized), held_out, texts)
 
 
 def export_loss(export: Source, rows: Rows) -> float:
@@ -81,7 +88,7 @@ def verify_merge(export: Source, reference: Source, base: Source, rows: Rows) ->
     """A merged export against the adapter on its base (reference) and the base alone (for the gain)."""
     want = reference_logits(reference.model(), rows.batches, desc="scoring the adapter")
     base_loss = loss(base.model(), rows.batches, desc="scoring the base")
-    found = agreement(export.model(), want, rows.batches, desc="verifying")
+    found = agreement(reference_logits(export.model(), rows.batches, desc="verifying"), want, rows.batches)
     gain = base_loss - found.reference_loss
     kept = (base_loss - found.loss) / gain if gain > 0 else None
     gap = found.loss - found.reference_loss
@@ -103,16 +110,41 @@ def verify_merge(export: Source, reference: Source, base: Source, rows: Rows) ->
 
 def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Path, kind: str,
                 rows: Rows) -> GgufVerification:
-    """The GGUF, read back tensor by tensor through transformers' GGUF name map and dequantized, against the merged
-    model, both in float32; and its vocabulary (transformers' GGUF tokenizer) against the trained tokenizer."""
+    """The GGUF against the merged model it was written from (float32), judged by llama.cpp itself where its binding
+    is installed: it must load the file, tokenize sample text to the trained tokenizer's ids, and compute logits that
+    agree at the type's threshold. Files over LLAMA_CPP_LOGITS_MAX_BYTES are loaded and tokenized by llama.cpp, and
+    their logits read back streamed (llama.cpp's mapped file would count whole in memory). Without the binding,
+    transformers' GGUF reader is the judge, and the report says so."""
     from transformers import AutoTokenizer
 
+    from . import llama_cpp
+
     want = reference_logits(merged.model(), rows.batches, desc="scoring the merged model")
-    found = agreement(gguf.model(), want, rows.batches, desc="verifying the gguf")
     ours = AutoTokenizer.from_pretrained(merged_folder)
-    theirs = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    round_trip = all(ours(text)["input_ids"] == theirs(text)["input_ids"] for text in SAMPLE_TEXT)
-    return GgufVerification(rows=rows.count, held_out=rows.held_out, tokens=found.tokens,
-                            top1_agreement=found.top1_agreement, mean_kl=found.mean_kl,
-                            max_abs_logit_diff=found.max_abs_logit_diff, tokenizer_round_trip=round_trip,
-                            min_top1=GGUF_MIN_TOP1[kind], passed=round_trip and found.top1_agreement >= GGUF_MIN_TOP1[kind])
+    version = llama_cpp.version()
+    if version is None:
+        theirs = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        round_trip = all(ours(text)["input_ids"] == theirs(text)["input_ids"] for text in SAMPLE_TEXT + rows.texts)
+        judge, found = "transformers' GGUF reader (llama-cpp-python is not installed)", None
+    else:
+        try:
+            model = llama_cpp.load(gguf_file, context=max(b.input_ids.shape[1] for b in rows.batches) + 1)
+        except llama_cpp.Refused as refused:
+            raise fail(str(gguf_file), "verification", f"llama.cpp {version} refuses the file: {refused}",
+                       "report this with the file's export_report.json") from None
+        round_trip = all(ours(text, add_special_tokens=False)["input_ids"] == llama_cpp.tokenize(model, text)
+                         for text in SAMPLE_TEXT + rows.texts)
+        if gguf_file.stat().st_size <= LLAMA_CPP_LOGITS_MAX_BYTES:
+            judge, found = f"llama.cpp (llama-cpp-python {version})", llama_cpp.response_logits(model, rows.batches)
+        else:
+            judge, found = (f"llama.cpp (llama-cpp-python {version}) loaded and tokenized it; logits read back "
+                            "streamed, as the file is over 2 GiB"), None
+        model.close()
+    if found is None:
+        found = reference_logits(gguf.model(), rows.batches, desc="verifying the gguf")
+    result = agreement(found, want, rows.batches)
+    return GgufVerification(judge=judge, rows=rows.count, held_out=rows.held_out, tokens=result.tokens,
+                            top1_agreement=result.top1_agreement, mean_kl=result.mean_kl,
+                            max_abs_logit_diff=result.max_abs_logit_diff, tokenizer_round_trip=round_trip,
+                            min_top1=GGUF_MIN_TOP1[kind],
+                            passed=round_trip and result.top1_agreement >= GGUF_MIN_TOP1[kind])

@@ -1,0 +1,74 @@
+"""GGUF files judged by llama.cpp itself (its Python binding, llama-cpp-python), the code llama.cpp, Ollama and GPT4All
+load them with: transformers' GGUF reader ignores fields llama.cpp refuses files over (an unknown pre-tokenizer name),
+so only llama.cpp can say a file works there. Optional: without the binding, callers fall back and say so."""
+import os
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .scoring import Batch
+
+
+def version() -> str | None:
+    """llama-cpp-python's version, or None when it is not installed (or does not import on this CPU)."""
+    try:
+        import llama_cpp  # noqa: F401  (a build for another CPU fails here with an illegal instruction or ImportError)
+    except ImportError:
+        return None
+    return metadata.version("llama-cpp-python")
+
+
+class Refused(Exception):
+    """llama.cpp would not load the file; the message is llama.cpp's own reason."""
+
+
+@contextmanager
+def _stderr_captured():
+    """llama.cpp logs to the process's stderr (file descriptor 2): kept out of the user's terminal, and kept for the
+    reason when a load fails."""
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load(file: Path, vocab_only: bool = False, context: int = 512):
+    """The file loaded as llama.cpp loads it (tensors mapped, not read); Refused with llama.cpp's reason."""
+    from llama_cpp import Llama
+
+    with _stderr_captured() as log:
+        try:
+            return Llama(model_path=str(file), vocab_only=vocab_only, logits_all=not vocab_only, n_ctx=context,
+                         verbose=True)
+        except ValueError:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").splitlines()
+            reasons = [line.strip() for line in lines if "error" in line.lower() or "unknown" in line.lower()]
+            raise Refused(reasons[0] if reasons else "llama.cpp could not load it") from None
+
+
+def tokenize(model, text: str) -> list[int]:
+    return model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+def response_logits(model, batches: list[Batch]) -> list[torch.Tensor]:
+    """Per batch, the [scored tokens, vocab] logits llama.cpp computes, in the order verify.scoring gives them."""
+    found = []
+    for batch in batches:
+        rows = []
+        for ids, mask, scored in zip(batch.input_ids, batch.attention_mask, batch.scored):
+            length = int(mask.sum())
+            model.reset()
+            with _stderr_captured():
+                model.eval(ids[:length].tolist())
+            logits = torch.from_numpy(model.scores[:length].copy())
+            rows.append(logits[scored[:length]])
+        found.append(torch.cat(rows))
+    return found
