@@ -6,8 +6,9 @@ The bases are random (no weights are downloaded), built tensor by tensor into ~2
 in memory. Each has the LLaMA SentencePiece tokenizer from ../shared (GPT-J's own BPE is not on disk; verification
 only needs a tokenizer whose ids fit the vocabulary) and an r16 adapter on every linear layer of the decoder, saved
 as peft saves one, with 8 Stanford Alpaca rows from ../shared as its held-out rows (validation.jsonl, as a run folder
-keeps them). The weights' scales are chosen so that random logits are not near-ties everywhere
-(LAYER_STD below), which would make top-1 agreement meaningless. Everything made is deleted at the end; ~34 GB of disk is needed at the peak.
+keeps them). The weights' scales are chosen so that random logits are not near-ties everywhere (LAYER_STD below),
+which would make top-1 agreement meaningless. Everything made is deleted at the end; ~34 GB of disk is needed at
+the peak.
 
     python benchmarks/scale.py [--shapes llama-7b,gptj-6b]
 """
@@ -150,8 +151,8 @@ def run_shape(shape: str, export: bool, layers: int | None) -> dict:
     return {"base_gb": round(base_gb, 1), "build_seconds": round(built), "methods": methods,
             "merge_no_verify_vs_cp": round(plain / methods["cp -r of the base"]["seconds"], 2),
             "verification_share_of_merge": round(1 - plain / merged["seconds"], 2),
-            "verification": {key: verification[key] for key in ("rows", "tokens", "top1_agreement", "mean_kl",
-                                                                 "loss_rule", "passed")}}
+            "verification": {key: verification[key]
+                             for key in ("rows", "tokens", "top1_agreement", "mean_kl", "loss_rule", "passed")}}
 
 
 def main() -> None:
