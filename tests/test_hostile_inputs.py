@@ -3,7 +3,7 @@ or field, the value and the fix, exit code 2, and every output left as it was. O
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,12 @@ class Ctx:
     base: Callable[..., str]  # kind -> tiny base folder
     alpaca: str
     disk: Callable[..., Path]  # size, read_only -> a small tmpfs
+    env: dict = field(default_factory=dict)  # environment of the command
+
+    def budget(self, size: str, args: list[str]) -> list[str]:
+        """args, run with a memory budget of `size` (plan/commands.py)."""
+        self.env["LORA_TUNE_MEMORY"] = size
+        return args
 
     def recipe(self, base=None, **sections) -> str:
         return write_recipe(self.tmp, recipe_dict(str(base or self.base("llama")), self.alpaca, **sections))
@@ -272,6 +278,17 @@ CASES = {
                            ["SOURCE", "neither a run folder nor a merged model"]),
     "eval-not-a-run": (lambda c: ["eval", str(c.tmp)], ["folder", "not a lora-tune run folder"]),
     "import-not-gguf": (lambda c: ["import-gguf", c.alpaca, "--out", str(c.tmp / "out")], ["FILE", "not a GGUF file"]),
+    # memory known up front: refused before anything is written
+    "merge-does-not-fit": (lambda c: c.budget("100MB", c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"))),
+                           ["memory", "merge with verification needs about", "LORA_TUNE_MEMORY is 100.0 MB",
+                            "--verify-rows", "--no-verify"]),
+    "export-does-not-fit": (lambda c: c.budget("100MB", ["export", c.base("llama"), "--out", str(c.tmp / "x.gguf")]),
+                            ["memory", "gguf q8_0 with verification needs about", "--no-verify"]),
+    "generate-does-not-fit": (lambda c: c.budget("100MB", ["generate", "--adapter", str(adapter_for(
+        c.base("llama"), c.tmp / "adapter")), "--base", c.base("llama"), "--prompt", "hi"]),
+        ["memory", "in memory needs about", "4-bit"]),
+    "memory-budget-not-a-size": (lambda c: c.budget("lots", c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"))),
+                                 ["LORA_TUNE_MEMORY", "'lots' is not a size"]),
 }
 
 
@@ -284,11 +301,12 @@ def snapshot(folder: Path) -> dict:
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_input_is_refused_cleanly(tmp_path, tiny_base, alpaca_file, small_disk, case):
     build, fragments = CASES[case]
-    args = build(Ctx(tmp_path, tiny_base, alpaca_file, small_disk))
+    context = Ctx(tmp_path, tiny_base, alpaca_file, small_disk)
+    args = build(context)
     outputs = [tmp_path / "out", tmp_path / ".out.partial"]
     before = [snapshot(p) for p in outputs]
     started = time.perf_counter()
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, args, env=context.env)
     seconds = time.perf_counter() - started
     assert result.exit_code == 2, result.output[-3000:]
     assert "Traceback" not in result.output

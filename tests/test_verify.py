@@ -16,6 +16,7 @@ from lora_tuner.export.lora_deltas import LoraDeltas
 from lora_tuner.export.weights import streamed_source
 from lora_tuner.run_folder import RunFolder
 from lora_tuner.verify.scoring import loss, reference_logits
+from lora_tuner.verify import verdict
 from lora_tuner.verify.verdict import verification_rows
 
 pytestmark = pytest.mark.slow
@@ -29,12 +30,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_streamed_verification_equals_whole_models(tmp_path, shape):
+def test_streamed_verification_equals_whole_models(tmp_path, monkeypatch, shape):
     kind, config = SHAPES[shape]
     base = sharded_base(tmp_path / "base", kind, **config)
     peft_model = random_adapter(base, tmp_path / "adapter").eval()
     report = merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), dtype="fp16")
-    rows = verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out")
+    rows = verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out", base.config)
+    assert rows.batches[0].position_ids is not None  # packed: both architectures keep examples apart
 
     streamed = streamed_source(tmp_path / "base", "reference", "test",
                                deltas=LoraDeltas(tmp_path / "adapter", "test")).model()
@@ -50,6 +52,11 @@ def test_streamed_verification_equals_whole_models(tmp_path, shape):
                          (v.loss_export, loss(export, rows.batches))):
         assert abs(found - whole) <= 1e-5 * abs(whole)
     assert v.passed and v.tokens == sum(len(b.targets) for b in rows.batches) > 0
+
+    monkeypatch.setattr(verdict, "packs_apart", lambda config: False)  # the rows padded instead: same numbers
+    padded = verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out", base.config)
+    assert padded.batches[0].position_ids is None
+    assert abs(loss(peft_model, padded.batches) - v.loss_adapter) <= 1e-5 * v.loss_adapter
 
 
 def test_a_tiny_gain_is_judged_by_what_rounding_costs_and_a_wrong_merge_still_fails(tmp_path):
@@ -79,7 +86,7 @@ def test_a_tiny_gain_is_judged_by_what_rounding_costs_and_a_wrong_merge_still_fa
     reference = streamed_source(tmp_path / "base", "ref", "t", deltas=LoraDeltas(tmp_path / "adapter", "t"))
     wrong = verify_merge(streamed_source(tmp_path / "wrong", "export", "t"), reference,
                          streamed_source(tmp_path / "base", "base", "t"),
-                         verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out"))
+                         verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out", base.config))
     assert not wrong.passed, wrong.why
 
 
@@ -108,3 +115,23 @@ def test_verification_holds_a_few_tensors_not_the_model(tmp_path):
     peak_mb = float(re.findall(r"[\d.]+", done.stdout.strip().splitlines()[-1])[0])
     print(f"model {model_mb:.0f} MB in float32; verified merge peak RSS growth {peak_mb:.0f} MB")
     assert model_mb > 150 and peak_mb < model_mb / 4
+
+
+def test_the_memory_budget_decides_before_anything_is_written(tmp_path, monkeypatch):
+    """With a budget between what a merge needs without verification and with it (plan/commands.py's estimates),
+    the verified merge is refused with its fix and writes nothing; the same merge with --no-verify runs."""
+    from lora_tuner.errors import UserError
+    from lora_tuner.plan import commands
+    from lora_tuner.verify.verdict import ROWS
+
+    base = sharded_base(tmp_path / "base", "llama")
+    random_adapter(base, tmp_path / "adapter")
+    shape = commands.Shape.of_folder(tmp_path / "base", "test")
+    lora = LoraDeltas(tmp_path / "adapter", "test").params
+    plain, verified = commands.merge(shape, lora, None, False).total, commands.merge(shape, lora, ROWS, False).total
+    assert plain < verified
+    monkeypatch.setenv("LORA_TUNE_MEMORY", str((plain + verified) // 2))
+    with pytest.raises(UserError, match="merge with verification needs about .* pass --no-verify"):
+        merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert merge(tmp_path / "adapter", tmp_path / "out", base=str(tmp_path / "base"), verify=False).verification is None

@@ -38,6 +38,7 @@ class AdapterPool:
             section = ModelSection(name_or_path=base, dtype=dtype, tokenizer=tokenizer)
             quant = QuantizationSection(mode=quantization, compute_dtype=dtype)
         self.base_id = section.name_or_path
+        _check_memory(section, quant)
         self.tokenizer = load_tokenizer(section, "AdapterPool")
         self.tokenizer.padding_side = "left"  # generation appends on the right
         self.model = load_base(section, quant, section.name_or_path, "AdapterPool").eval()
@@ -165,3 +166,17 @@ class AdapterPool:
     def _unload(self, name: str) -> None:
         self.model.delete_adapter(name)
         del self.resident[name]
+
+
+def _check_memory(section: ModelSection, quantization: QuantizationSection) -> None:
+    """The base in memory, refused up front when it would not fit (plan/commands.py); a hub id is not measured."""
+    from ..plan import commands
+
+    folder = Path(section.name_or_path)
+    if not (folder / "config.json").is_file():
+        return
+    bytes_per_weight = commands.BYTES_PER_WEIGHT.get(quantization.mode, 4 if section.dtype == "float32" else 2)
+    need = commands.loaded_model(commands.Shape.of_folder(folder, section.name_or_path), bytes_per_weight,
+                                 f"the base {folder.name!r} in memory")
+    commands.require(need, section.name_or_path, "memory", "load it 4-bit (quantization.mode: 4bit) or on a "
+                     "machine with more memory")

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import UserError, fail
 from ..run_folder import RunFolder
+from ..verify import ROWS
 from .gguf_writer import TYPES, GgufExporter
 from .report import ExportReport, GgufVerification
 from .weights import MergedWeights
@@ -28,6 +29,9 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
     if not out.parent.is_dir():
         raise fail(name, "--out", f"folder {str(out.parent)!r} does not exist", "create it, or choose another --out")
     run = RunFolder(source)
+    if verify:
+        verify_rows = verify_rows or ROWS
+    _check_memory(run, source, kind, verify_rows if verify else None, name)
     merged_dir = out.with_name(f".{out.name}.merged")
     partial = out.with_name(f".{out.name}.partial")
     temporaries = [merged_dir, merged_dir.with_name(f".{merged_dir.name}.partial")]
@@ -71,14 +75,32 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
     return report
 
 
+def _check_memory(run: RunFolder, source: Path, kind: str, rows: int | None, name: str) -> None:
+    """The writing and verification steps' memory, refused up front (plan/commands.py); merge checks its own.
+    rows None: no verification."""
+    from ..plan import commands
+
+    if run.has_adapter:
+        from .merge import resolve_base
+
+        model_folder = resolve_base(None, run, name)
+    elif (source / "config.json").is_file():
+        model_folder = source
+    else:
+        return  # refused below, naming what SOURCE should be
+    need = commands.gguf_export(commands.Shape.of_folder(model_folder, name), kind, rows)
+    commands.require(need, name, "memory", "verify on fewer rows (--verify-rows 4) or pass --no-verify"
+                     if rows else "free some memory")
+
+
 def _verify(gguf_file: Path, model_folder: Path, kind: str, rows: int | None) -> GgufVerification:
     """The GGUF against the merged model it was written from, both streamed a module at a time in float32."""
-    from ..verify.verdict import ROWS, Source, verification_rows, verify_gguf
+    from ..verify.verdict import Source, verification_rows, verify_gguf
     from .gguf_reader import gguf_weight_map
     from .weights import streamed_source
 
     merged = streamed_source(model_folder, "the merged model", str(model_folder))
-    checked = verification_rows(RunFolder(model_folder), model_folder, rows or ROWS)
+    checked = verification_rows(RunFolder(model_folder), model_folder, merged.config, rows)
     return verify_gguf(gguf_file, Source(merged.config, gguf_weight_map(gguf_file, merged.config), "the gguf"),
                        merged, model_folder, kind, checked)
 

@@ -65,8 +65,9 @@ class LoraDeltas:
             # terms: the size of what is summed, which bounds float32's own error when the sum nearly cancels
             terms = base.abs().add_(part.abs() @ right.abs(), alpha=scale)
             exact = base.addmm_(part, right, alpha=scale)
+            kind = torch.finfo(out.dtype)  # below its smallest normal number a dtype's spacing stops shrinking
             slack = terms.mul_((right.shape[0] + 2) * torch.finfo(torch.float32).eps).add_(
-                exact.abs().mul_(torch.finfo(out.dtype).eps))
+                exact.abs().clamp_min(kind.smallest_normal).mul_(kind.eps))
             if not (got.sub_(exact).abs_() <= slack).all():
                 return False
         return True
@@ -84,6 +85,11 @@ class LoraDeltas:
         rank = a.shape[0]
         scale = self._alpha / (math.sqrt(rank) if self._rslora else rank)
         return (a.T, b.T, scale) if self.fan_in_fan_out else (b, a, scale)  # fan_in_fan_out: weight stored transposed
+
+    @property
+    def params(self) -> int:
+        """The adapter's LoRA weights, counted."""
+        return sum(left.numel() + right.numel() for left, right, _ in self._factors.values())
 
     def delta_shape(self, base_key: str) -> list[int]:
         """The shape of B @ A (as the base stores the weight), without computing it."""

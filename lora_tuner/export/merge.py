@@ -1,6 +1,7 @@
 """`lora-tune merge`: fold an adapter into its base as standalone weights, safely, and prove the result."""
 import errno
 import json
+import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from .. import sizes
 from ..atomic_folder import AtomicFolder
 from ..config.schema import QuantizationSection, Recipe
 from ..errors import fail
 from ..run_folder import RunFolder
+from ..verify import ROWS
 from .base_reader import base_shards, plan_entries
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
@@ -46,11 +49,15 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     deltas = LoraDeltas(run.path, source)
     recipe = run.recipe() if run.is_run else None
     quantization = recipe.quantization if recipe else QuantizationSection()
-    base_folder = _base_folder(base, run, source)
+    base_folder = resolve_base(base, run, source)
     targets = _merge_targets(into, quantization, verify, source)
     out_dtype = _default_dtype(recipe, base_folder) if dtype is None else Choice(DTYPES[dtype], "--dtype")
     entries = plan_entries(base_shards(base_folder, source), out_dtype.value, source)
     _check_fit(deltas, entries, base_folder, source)
+    if verify:
+        verify_rows = verify_rows or ROWS
+    _check_memory(base_folder, entries, deltas, verify_rows if verify else None, "dequantized" in targets.value,
+                  source)
     if verify and not any((_tokenizer_source(run, base_folder) / name).is_file() for name in VOCABULARY_FILES):
         raise fail(source, "--base", f"no tokenizer files beside the adapter or in {str(base_folder)!r}, and "
                    "verification scores text", "copy the base model's tokenizer files into its folder, or pass "
@@ -59,7 +66,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
     folder.check_free(force)
     _check_disk(sum(e.nbytes for e in entries) * len(targets.value), folder.final.parent, source)
-    max_bytes = _max_bytes(shard_size, source)
+    max_bytes = sizes.parse(shard_size, source, "--shard-size")
     with folder.writing() as work:  # a failed verification keeps the export there, below, for a look
         places = {target: work if i == 0 else work.with_name(f"{work.name}-{target}")
                   for i, target in enumerate(targets.value)}
@@ -102,7 +109,7 @@ def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, qua
     if not verify:
         return Choice(targets.value[0], targets.reason), {}, None
     from ..verify.streamed import config_of
-    from ..verify.verdict import ROWS, export_loss, verification_rows, verify_merge
+    from ..verify.verdict import export_loss, verification_rows, verify_merge
     from .weights import streamed_source
 
     config = config_of(places[targets.value[0]])  # the export's: the base's without quantization_config
@@ -111,7 +118,7 @@ def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, qua
     def model(folder: Path, name: str, adapter: LoraDeltas | None = None, on_4bit: bool = False):
         return streamed_source(folder, name, source, config, adapter, quantization if on_4bit else None, load_dtype)
 
-    checked = verification_rows(run, places[targets.value[0]], rows or ROWS)
+    checked = verification_rows(run, places[targets.value[0]], config, rows)
     losses = {}
     if len(targets.value) > 1:
         losses = {target: export_loss(model(place, f"--into {target}"), checked) for target, place in places.items()}
@@ -170,7 +177,8 @@ def _write_limits_as_one_line(work: Path, max_bytes: int, source: str):
         raise
 
 
-def _base_folder(base: str | None, run: RunFolder, source: str) -> Path:
+def resolve_base(base: str | None, run: RunFolder, source: str) -> Path:
+    """The base an adapter is merged into: --base, else the one its run (or adapter_config.json) names."""
     name = base or run.base_model()
     if not name:
         raise fail(source, "--base", "the adapter does not say which base it belongs to", "pass --base PATH")
@@ -230,30 +238,25 @@ def _check_fit(deltas: LoraDeltas, entries, base_folder: Path, source: str) -> N
                        f"base {str(base_folder)!r}", "pass the --base this adapter was trained on")
 
 
+def _check_memory(base_folder: Path, entries, deltas: LoraDeltas, rows: int | None, round_trip: bool,
+                  source: str) -> None:
+    """Refused before anything is written when it would not fit (plan/commands.py); rows None: no verification."""
+    from ..plan import commands
+
+    config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
+    numels = [math.prod(entry.shape) for entry in entries]
+    shape = commands.Shape.of_config(config.get("text_config", config), sum(numels), max(numels))
+    fix = "verify on fewer rows (--verify-rows 4) or pass --no-verify" if rows else "free some memory"
+    commands.require(commands.merge(shape, deltas.params, rows, round_trip), source, "memory", fix)
+
+
 def _check_disk(needed: int, parent: Path, source: str) -> None:
     while not parent.exists():  # the nearest folder that exists is on the device the export will be written to
         parent = parent.parent
     free = shutil.disk_usage(parent).free
     if needed > free:
-        raise fail(source, "--out", f"needs {_size(needed)}, {parent} has {_size(free)} free",
+        raise fail(source, "--out", f"needs {sizes.show(needed)}, {parent} has {sizes.show(free)} free",
                    "free some space or choose another --out")
-
-
-def _size(count: int) -> str:
-    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if count >= factor:
-            return f"{count / factor:.1f} {unit}"
-    return f"{count} bytes"
-
-
-def _max_bytes(shard_size: str | int, source: str) -> int:
-    if isinstance(shard_size, int):
-        return shard_size
-    text = shard_size.strip().upper()
-    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
-            return int(float(text[: -len(unit)]) * factor)
-    raise fail(source, "--shard-size", f"{shard_size!r} is not a size", "write e.g. 5GB or 500MB")
 
 
 def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: torch.dtype) -> None:

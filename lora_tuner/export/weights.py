@@ -9,7 +9,6 @@ import torch
 
 from ..config.schema import QuantizationSection
 from ..verify.streamed import WeightMap, config_of, tied_aliases
-from ..verify.verdict import Source
 from .base_reader import Entry, base_shards, mapped_rows, plan_entries
 from .lora_deltas import LoraDeltas
 
@@ -76,8 +75,11 @@ class MergedWeights:
 
 
 def streamed_source(folder: Path, name: str, source: str, config=None, deltas: LoraDeltas | None = None,
-                    quantization: QuantizationSection | None = None, load_dtype: torch.dtype | None = None) -> Source:
-    """A model folder's weights, with an adapter's delta added when given, as a streamed model to score (float32)."""
+                    quantization: QuantizationSection | None = None, load_dtype: torch.dtype | None = None):
+    """A model folder's weights, with an adapter's delta added when given, as a streamed model to score (float32):
+    a verify.verdict.Source."""
+    from ..verify.verdict import Source  # transformers comes with it: a --no-verify merge does without
+
     config = config or config_of(folder)
     weights = MergedWeights.of(folder, torch.float32, source, deltas, quantization, load_dtype)
     return Source(config, weights.weight_map(tied_aliases(config)), name)

@@ -14,6 +14,7 @@ from ..errors import fail
 from ..model.anatomy import meta_model, quantized_linears
 from ..model.dtypes import native_dtype
 from ..train.response_loss import CHUNK_ELEMENTS
+from ..verify import ROWS
 from .devices import GIB, Device, device
 from .known_configs import KNOWN, KNOWN_DATA
 
@@ -35,6 +36,7 @@ class Anatomy:
     body_matmul_params: int  # every linear layer but the output head
     head_params: int
     lora_params: int
+    largest_tensor: int  # elements of the model's largest weight (what streamed merge and export hold at once)
 
 
 @dataclass
@@ -56,12 +58,16 @@ class Plan:
     checkpointing: bool
     batch_size: int
     response_loss: bool
-    quantized: bool
+    quantization: str  # none, 4bit, 8bit
     change_to_fit: str | None = None  # when it does not fit: the first change that makes it
 
     @property
     def params(self) -> int:
         return self.parts.params
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
 
     @property
     def lora_params(self) -> int:
@@ -103,6 +109,17 @@ class Plan:
     def seconds(self) -> float | None:
         return None if self.data.tokens is None else self.data.tokens * self.seconds_per_token
 
+    def after_training(self) -> list:
+        """What merge, export and serving the result need here (plan/commands.py), by their defaults."""
+        from . import commands
+
+        config = self.parts.config.get_text_config().to_dict()
+        shape = commands.Shape.of_config(config, self.params, self.parts.largest_tensor)
+        weight_bytes = commands.BYTES_PER_WEIGHT.get(self.quantization, DTYPE_BYTES[self.dtype])
+        return [commands.merge(shape, self.lora_params, ROWS, self.quantization == "4bit"),
+                commands.gguf_export(shape, "q8_0", ROWS),
+                commands.loaded_model(shape, weight_bytes, "serve, generate, eval")]
+
     def lines(self) -> list[str]:
         quantized = sum(m.weight.numel() for m in self.parts.quantized.values()) if self.quantized else 0
         rows = [f"parameters      {_count(self.params):>10s}  ({_count(quantized)} quantized, "
@@ -123,7 +140,8 @@ class Plan:
             rows.append(f"time            {self.seconds / 60:8.1f} min for {self.data.tokens / 1e6:.2f} M tokens "
                         f"({self.data.note}): {1 / self.seconds_per_token:,.0f} tokens/s at "
                         f"{self.device.efficiency:.0%} ({calibrated}) of {self.device.tflops(self.dtype):g} TFLOP/s")
-        return rows
+        rows += ["", "after training, with their defaults (peak memory, estimated; merge and export stream on the CPU):"]
+        return rows + ["  " + need.line() for need in self.after_training()]
 
 
 def _count(n: int) -> str:
@@ -142,6 +160,7 @@ def anatomy(recipe: Recipe, source: str) -> Anatomy:
         head_params=head.weight.numel() if head is not None else 0,
         lora_params=sum(recipe.lora.rank * (m.in_features + m.out_features)
                         for m in lora_targets(recipe, linears, model).values()),
+        largest_tensor=max(p.numel() for p in model.parameters()),
     )
 
 
@@ -178,7 +197,7 @@ def make_plan(recipe: Recipe, source: str, device_name: str, tokens: int | None 
                        note=data.note + f", split over {world_size} devices ({recipe.distributed.strategy})")
     plan = Plan(target, recipe.model.dtype, world_size, parts, data, _memory(recipe, parts, world_size),
                 recipe.train.gradient_checkpointing, recipe.train.batch_size, recipe.train.response_loss,
-                recipe.quantization.mode != "none")
+                recipe.quantization.mode)
     if not plan.fits:
         plan.change_to_fit = change_to_fit(recipe, parts, budget, world_size)
     return plan

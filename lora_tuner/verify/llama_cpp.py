@@ -63,12 +63,10 @@ def response_logits(model, batches: list[Batch]) -> list[torch.Tensor]:
     found = []
     for batch in batches:
         rows = []
-        for ids, mask, scored in zip(batch.input_ids, batch.attention_mask, batch.scored):
-            length = int(mask.sum())
+        for ids, scored in batch.examples():  # each example in a context of its own
             model.reset()
             with _stderr_captured():
-                model.eval(ids[:length].tolist())
-            logits = torch.from_numpy(model.scores[:length].copy())
-            rows.append(logits[scored[:length]])
+                model.eval(ids.tolist())
+            rows.append(torch.from_numpy(model.scores[:len(ids)].copy())[scored])
         found.append(torch.cat(rows))
     return found

@@ -14,10 +14,23 @@ BATCH_ROWS = 8
 
 @dataclass
 class Batch:
+    """Rows padded on the right (attention_mask), or packed into one row (position_ids restarting at each)."""
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     scored: torch.Tensor  # bool [rows, length]: positions whose next token is a response token
     targets: torch.Tensor  # those next tokens, in row-major order
+    position_ids: torch.Tensor | None = None
+
+    def examples(self):
+        """(token ids, scored positions) of each example, whichever the layout."""
+        for row, ids in enumerate(self.input_ids):
+            if self.position_ids is None:
+                length = int(self.attention_mask[row].sum())
+                yield ids[:length], self.scored[row, :length]
+                continue
+            starts = (self.position_ids[row] == 0).nonzero().flatten().tolist() + [len(ids)]
+            for start, end in zip(starts, starts[1:]):
+                yield ids[start:end], self.scored[row, start:end]
 
 
 def tokenized_rows(tokenizer, examples: list[dict], max_length: int) -> list[TokenizedExample]:
@@ -45,13 +58,27 @@ def batches(rows: list[TokenizedExample], pad_id: int, size: int = BATCH_ROWS) -
     return found
 
 
+def packed(rows: list[TokenizedExample]) -> Batch:
+    """All rows as one row, position ids restarting at each: no padding computed, which matters when every weight
+    is read once per batch (a streamed model). Only for models whose attention keeps packed examples apart
+    (model/packing_check.py)."""
+    chunk = [r.training_row(train_on_inputs=False) for r in rows]
+    ids = torch.tensor([token for r in chunk for token in r["input_ids"]]).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(r["input_ids"])) for r in chunk]).unsqueeze(0)
+    scored = torch.cat([torch.tensor([label != IGNORE for label in r["labels"][1:]] + [False]) for r in chunk])
+    targets = torch.tensor([label for r in chunk for label in r["labels"][1:] if label != IGNORE], dtype=torch.long)
+    return Batch(ids, None, scored.unsqueeze(0), targets, positions)
+
+
 @torch.no_grad()
 def response_logits(model, batch: Batch) -> torch.Tensor:
     """[scored tokens, vocab] fp32 logits; the LM head runs on those positions only (logits_to_keep)."""
     device = next(model.parameters()).device
     device = torch.device("cpu") if device.type == "meta" else device  # a streamed model (streamed.py) runs on CPU
-    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                logits_to_keep=batch.scored.to(device), use_cache=False)
+    layout = ({"attention_mask": batch.attention_mask.to(device)} if batch.position_ids is None
+              else {"position_ids": batch.position_ids.to(device)})
+    out = model(input_ids=batch.input_ids.to(device), **layout, logits_to_keep=batch.scored.to(device),
+                use_cache=False)
     return out.logits.reshape(-1, out.logits.shape[-1]).float().cpu()
 
 

@@ -48,6 +48,22 @@ def tied_aliases(config) -> dict[str, str]:
     return {f"{names[id(head)]}.weight": f"{names[id(embedding)]}.weight"}
 
 
+def packs_apart(config) -> bool:
+    """Whether this architecture keeps examples packed into one row apart (position ids restarting), so rows can be
+    scored packed: measured (model/packing_check.py) on a one-layer copy with a small vocabulary, since support
+    differs by architecture and transformers version. The copy keeps the widths: ~0.8 GB for a 7B's layer, briefly."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from ..model.packing_check import packing_is_isolated
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers, small.vocab_size = 1, min(config.vocab_size, 512)
+    torch.manual_seed(0)
+    return packing_is_isolated(AutoModelForCausalLM.from_config(small, dtype=torch.float32), small.vocab_size)
+
+
 def config_of(folder: Path):
     from transformers import AutoConfig
 

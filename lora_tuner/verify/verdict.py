@@ -23,15 +23,15 @@ from pathlib import Path
 
 from ..errors import fail
 from ..run_folder import RunFolder
+from . import MAX_LENGTH, ROWS
 from .report import GgufVerification, Verification
-from .scoring import Batch, agreement, batches, loss, reference_logits, tokenized_rows
-from .streamed import streamed_model
+from .scoring import Batch, agreement, batches, loss, packed, reference_logits, tokenized_rows
+from .streamed import packs_apart, streamed_model
 
 MIN_TOP1 = 0.99
 MAX_KL = 1e-3
 MIN_GAIN_KEPT = 0.99
 ROUNDING_COST = 0.005  # nats: what 16-bit rounding of the merged weights may cost (measured up to 0.0036, above)
-ROWS, MAX_LENGTH = 16, 256
 FALLBACK = ["Below is an instruction that describes a task.", "The quick brown fox jumps over the lazy dog.",
             "def fibonacci(n):", "Write a short poem about the sea."]
 # GGUF top-1 agreement with the merged model on held-out rows, by type. f16/bf16 hold the merged weights exactly (when
@@ -65,9 +65,10 @@ class Rows:
     texts: list[str]  # the rows' plain text, for tokenizer checks
 
 
-def verification_rows(run: RunFolder, tokenizer_folder: Path, rows: int = ROWS) -> Rows:
+def verification_rows(run: RunFolder, tokenizer_folder: Path, config, rows: int = ROWS) -> Rows:
     """The rows the run stored (fixed text for a bare PEFT adapter), as one batch: a streamed model reads every
-    weight once per batch."""
+    weight once per batch. Packed into one row where the architecture keeps packed examples apart (no padding to
+    compute: ~40% less work on Alpaca rows), else padded."""
     from transformers import AutoTokenizer
 
     examples, held_out = run.validation()
@@ -77,7 +78,9 @@ def verification_rows(run: RunFolder, tokenizer_folder: Path, rows: int = ROWS) 
     max_length = run.recipe().data.max_length if run.is_run else MAX_LENGTH
     tokenized = tokenized_rows(tokenizer, examples[:rows], min(max_length, MAX_LENGTH))
     texts = [e["prompt"] + e["completion"] for e in examples[:rows] if isinstance(e["prompt"], str)]
-    return Rows(batches(tokenized, tokenizer.pad_token_id or 0, len(tokenized)), len(tokenized), held_out, texts)
+    pad = tokenizer.pad_token_id or 0
+    layout = [packed(tokenized)] if packs_apart(config) else batches(tokenized, pad, len(tokenized))
+    return Rows(layout, len(tokenized), held_out, texts)
 
 
 def export_loss(export: Source, rows: Rows) -> float:
@@ -128,7 +131,8 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         judge, found = "transformers' GGUF reader (llama-cpp-python is not installed)", None
     else:
         try:
-            model = llama_cpp.load(gguf_file, context=max(b.input_ids.shape[1] for b in rows.batches) + 1)
+            longest = max(len(ids) for batch in rows.batches for ids, _ in batch.examples())
+            model = llama_cpp.load(gguf_file, context=longest + 1)
         except llama_cpp.Refused as refused:
             raise fail(str(gguf_file), "verification", f"llama.cpp {version} refuses the file: {refused}",
                        "report this with the file's export_report.json") from None
