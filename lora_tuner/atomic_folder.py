@@ -20,6 +20,16 @@ class AtomicFolder:
         self.source, self.field, self.what = source, field, what  # for error lines: file, option, noun
         self.resumable = resumable
 
+    def check_not_input(self, inputs: dict[str, Path]) -> None:
+        """The output may be replaced (--force) or written into: it must be none of the command's inputs, hold none of
+        them, and lie inside none of them (a model written into RUN/base-model would replace the run's base)."""
+        for name, path in inputs.items():
+            path = Path(path).expanduser().resolve()
+            if self.final == path or path.is_relative_to(self.final) or self.final.is_relative_to(path):
+                where = "is" if self.final == path else "holds" if path.is_relative_to(self.final) else "is inside"
+                raise fail(self.source, self.field, f"{str(self.final)!r} {where} the {name} {str(path)!r}, which "
+                           "this command reads", f"choose an {self.field} outside it")
+
     def check_free(self, force: bool, resume: bool = False) -> None:
         """Before anything is written: refuse to clobber a finished or unfinished output without --force."""
         if self.final.exists() and not force:

@@ -155,3 +155,71 @@ def test_run_folder_prompt_template_is_applied(tmp_path, tiny_base, alpaca_file)
     assert chat.exit_code == 0, chat.output
     assert templated in chat.output and "no adapter 'nope'" in chat.output and "base> " in chat.output
     assert pool.generate(PROMPT, adapter=None) in chat.output
+
+
+def poison(pool, name):
+    """The loaded adapter's weights turned NaN in memory (as a bad checkpoint would be, had it got in)."""
+    with torch.no_grad():
+        for parameter_name, parameter in pool.model.named_parameters():
+            if f".{name}." in parameter_name:
+                parameter.fill_(float("nan"))
+
+
+def test_a_failed_mixed_batch_leaves_no_hooks_and_the_pool_serves_on(adapters):
+    """Sampling from NaN logits fails inside peft's per-row generate; its adapter hooks must not stay on the model
+    (peft removes them only on success), or every later call fails with 'Length of adapter_names'."""
+    base, a, b = adapters
+    pool = AdapterPool(base)
+    pool.add("a", a)
+    pool.add("b", b)
+    clean = pool.generate([PROMPT, PROMPT], adapter=["a", None], template=False)
+    poison(pool, "b")
+    with pytest.raises(RuntimeError):
+        pool.generate([PROMPT, PROMPT], adapter=["a", "b"], template=False, do_sample=True, temperature=0.7)
+    assert pool.generate([PROMPT, PROMPT], adapter=["a", None], template=False) == clean
+    assert pool.generate(PROMPT, adapter=None, template=False) == clean[1]
+
+
+def adapter_edited(base, folder, edit) -> str:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base, folder, 5)
+    config, tensors = json.loads((folder / "adapter_config.json").read_text()), load_file(
+        folder / "adapter_model.safetensors")
+    edit(config, tensors)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return str(folder)
+
+
+def first(tensors, kind):
+    return next(name for name in tensors if kind in name)
+
+
+BROKEN = {  # id -> (edit of config and tensors, words the one line must hold)
+    "r-differs-from-tensors": (lambda c, t: c.update(r=4), ["r is 4", "rank 8"]),
+    "r-not-a-number": (lambda c, t: c.update(r="sixteen"), ["'sixteen'", "positive whole number"]),
+    "nan-weights": (lambda c, t: t[first(t, "lora_B")].fill_(float("nan")), ["NaN or infinite"]),
+    "dora": (lambda c, t: c.update(use_dora=True), ["use_dora"]),
+    "no-lora-keys": (lambda c, t: [t.pop(k) for k in list(t)] and t.update(x=torch.zeros(2)), ["no LoRA weights"]),
+    "embedding-weights": (lambda c, t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A":
+                                                 torch.zeros(8, 288)}), ["not a LoRA weight"]),
+    "b-of-another-rank": (lambda c, t: t.update({first(t, "lora_B"): torch.zeros(t[first(t, "lora_B")].shape[0], 3)}),
+                          ["not one low-rank pair"]),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_adapter_is_refused_whole_and_leaves_nothing(tmp_path, adapters, case):
+    base, a, _ = adapters
+    pool = AdapterPool(base)
+    pool.add("a", a)
+    edit, words = BROKEN[case]
+    with pytest.raises(UserError) as error:
+        pool.add("broken", adapter_edited(base, tmp_path / "broken", edit))
+    assert all(word in str(error.value) for word in words), str(error.value)
+    assert pool.names == ["a"] and set(pool.model.peft_config) == {"a"}
+    alone = greedy(fresh(base, a), pool.tokenizer, PROMPT)
+    assert pool.generate(PROMPT, adapter="a", template=False, max_new_tokens=12) == alone

@@ -1,5 +1,6 @@
 """GGUF export: a file transformers' own GGUF reader loads back to the merged model, with the training prompt."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,30 @@ def test_the_streamed_read_back_equals_transformers_gguf_loader(bpe_run, tiny_bp
     with torch.no_grad():
         want, got = whole(ids).logits, streamed(ids).logits
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_gguf_missing_a_weight_is_refused_on_import_and_export(tiny_bpe_llama, tmp_path):
+    """transformers would fill a missing tensor with random values: import-gguf refuses the file in one line, and
+    the export's verification refuses a model folder that lacks a weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_tuner.errors import UserError
+    from lora_tuner.model.gguf_import import import_gguf
+
+    folder = Path(shutil.copytree(tiny_bpe_llama, tmp_path / "holed"))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="weights are missing .*layers.1.self_attn.q_proj"):
+        export_gguf(folder, tmp_path / "checked.gguf", kind="f16")
+    export_gguf(folder, tmp_path / "holed.gguf", kind="f16", verify=False)
+    result = CliRunner().invoke(main, ["import-gguf", str(tmp_path / "holed.gguf"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "weights are not in the file" in result.output, result.output
+    assert "layers.1.self_attn.q_proj" in result.output and not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="not in the file"):
+        import_gguf(tmp_path / "holed.gguf", tmp_path / "out")
 
 
 def test_q8_0_and_q4_0_quantize_matrices_and_keep_norms(bpe_run, tmp_path):

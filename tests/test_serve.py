@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from conftest import recipe_dict, write_recipe
 from lora_tuner import AdapterPool, load_recipe, run
 from lora_tuner.serve.openai_api import create_app
-from test_adapter_pool import make_adapter
+from test_adapter_pool import make_adapter, poison
 
 pytestmark = pytest.mark.slow  # trains adapters: the full tier
 
@@ -166,6 +166,36 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
     assert bad_json.status_code == 400 and bad_json.json()["error"]["message"] == "the body is not valid JSON"
     text, _ = complete(client, "a", PROMPTS[0], chat=True)  # still serving, and correctly
     assert text == expected(served["pool"], PROMPTS[0], "a", chat=True)
+
+
+def test_a_failing_adapter_fails_only_its_own_requests(served):
+    """A batch where one adapter's logits are NaN (sampling fails inside generate): the healthy request in the same
+    batch is answered (retried alone), the bad one gets a 500, and every later request is served as before."""
+    client, pool = served["client"], served["pool"]
+    pool.add("poisoned", served["a"])
+    poison(pool, "poisoned")
+    results, start = {}, threading.Barrier(2)
+
+    def request(model):
+        start.wait()
+        try:
+            results[model] = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0.7)
+        except openai.APIStatusError as error:
+            results[model] = error
+
+    threads = [threading.Thread(target=request, args=(model,)) for model in ("a", "poisoned")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert isinstance(results["poisoned"], openai.InternalServerError), results["poisoned"]
+        assert results["a"].choices[0].finish_reason in ("stop", "length")
+        for model, chat in (("base", False), ("a", True), ("b", False)):
+            assert complete(client, model, PROMPTS[1], chat)[0] == expected(pool, PROMPTS[1], None if model == "base"
+                                                                            else model, chat)
+    finally:
+        pool.remove("poisoned")
 
 
 def test_adapters_are_added_and_removed_at_run_time(served, tiny_base):

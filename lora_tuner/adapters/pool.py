@@ -53,15 +53,15 @@ class AdapterPool:
         check_name(name)
         folder = Path(path).expanduser().resolve()
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        check_adapter(folder, base, self.base_id)
+        check_adapter(folder, base, self.base_id)  # the whole adapter, before its name is visible anywhere
+        prompt = training_prompt(RunFolder(folder), self.tokenizer)
         with self.lock:
             if name in self.resident:
                 self._unload(name)
-            self.paths[name] = folder
-            self.prompts[name] = training_prompt(RunFolder(folder), self.tokenizer)
+            self._load(name, folder)  # on failure nothing of it remains (see _load)
+            self.paths[name], self.prompts[name] = folder, prompt
             if self.base_prompt.ids is None:  # the base is prompted like the first adapter of known format
-                self.base_prompt = self.prompts[name]
-            self._ensure_loaded(name)
+                self.base_prompt = prompt
 
     def remove(self, name: str) -> None:
         with self.lock:
@@ -136,8 +136,9 @@ class AdapterPool:
                                f"{self.max_loaded}", "raise max_loaded or split the batch")
                 for name in needed:
                     self._ensure_loaded(name)
-                out = self.model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
-                                          adapter_names=[a or BASE_ROW for a in adapters])
+                with _hooks_removed_after(self.model):
+                    out = self.model.generate(**batch, **generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
+                                              adapter_names=[a or BASE_ROW for a in adapters])
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def _prompt(self, adapter: str | None) -> TrainingPrompt:
@@ -154,11 +155,20 @@ class AdapterPool:
         if name in self.resident:
             self.resident.move_to_end(name)
             return
-        path = str(self.paths[name])
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        self._load(name, self.paths[name])
+
+    def _load(self, name: str, path: Path) -> None:
+        """peft loads it; if that fails half-way, what it added is deleted again, so nothing of it remains."""
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+        except Exception as exc:
+            if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            raise fail(str(path), "adapter", f"peft could not load it ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160]})", "check that it was saved by peft for this base") from None
         self.resident[name] = None
         while len(self.resident) > self.max_loaded:  # evict after loading: peft keeps at least one adapter
             self._unload(next(iter(self.resident)))
@@ -166,6 +176,23 @@ class AdapterPool:
     def _unload(self, name: str) -> None:
         self.model.delete_adapter(name)
         del self.resident[name]
+
+
+@contextmanager
+def _hooks_removed_after(model: torch.nn.Module):
+    """peft attaches per-row adapter_names hooks to every LoRA layer and removes them only when generate returns
+    (peft 0.21: _enable_peft_forward_hooks has no try/finally), so one failed mixed batch (NaN logits when sampling,
+    out of memory) left them in place and every later call failed. Whatever hooks the block adds are removed on
+    every exit path."""
+    modules = list(model.modules())
+    before = [set(module._forward_pre_hooks) for module in modules]
+    try:
+        yield
+    finally:
+        for module, known in zip(modules, before):
+            for key in set(module._forward_pre_hooks) - known:
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _check_memory(section: ModelSection, quantization: QuantizationSection) -> None:

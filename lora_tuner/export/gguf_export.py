@@ -22,6 +22,9 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
     name = str(source)
     if kind not in TYPES:
         raise fail(name, "--type", f"{kind!r} is not a GGUF type lora-tune writes", f"use one of {', '.join(TYPES)}")
+    if out.is_relative_to(source.resolve()):
+        raise fail(name, "--out", f"{str(out)!r} is inside SOURCE {str(source.resolve())!r}, which this command reads",
+                   "choose an --out outside it")
     for existing in (out, out.with_suffix(".Modelfile"), out.with_suffix(".export_report.json")):
         if existing.exists() and not force:
             raise fail(name, "--out", f"{str(existing)!r} already exists", "choose another --out, or pass --force "

@@ -64,6 +64,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
                    "--no-verify")
 
     folder = AtomicFolder(Path(out), source, field="--out", what="model export")
+    folder.check_not_input({"adapter": run.path, "base": base_folder})
     folder.check_free(force)
     _check_disk(sum(e.nbytes for e in entries) * len(targets.value), folder.final.parent, source)
     max_bytes = sizes.parse(shard_size, source, "--shard-size")

@@ -17,14 +17,17 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", forc
     if not file.is_file() or _magic(file) != b"GGUF":
         raise fail(source, "FILE", "not a GGUF file", "point at a .gguf model file")
     folder = AtomicFolder(Path(out), source, field="--out", what="model")
+    folder.check_not_input({"GGUF file": file})
     folder.check_free(force)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-    except (ValueError, KeyError, ImportError) as exc:
-        raise fail(source, "FILE", f"transformers cannot read this GGUF ({str(exc).splitlines()[0][:120]})",
-                   "use a GGUF of an architecture transformers supports (LLaMA, Mistral, Qwen2, GPT-2, ...); "
-                   "pip install gguf if it is missing") from None
+    except Exception as exc:  # any failure to parse a file the user named means: not a GGUF transformers can read
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise fail(source, "FILE", f"transformers cannot read this GGUF ({reason})", "use a complete GGUF of an "
+                   "architecture transformers supports (LLaMA, Mistral, Qwen2, GPT-2, ...); pip install gguf if it is "
+                   "missing") from None
+    _check_complete(file, loaded, source)
     config = loaded.config
     del config.quantization_config  # the saved folder holds plain dense weights
     with torch.device("meta"):  # no second copy of the weights, and no time spent initialising them
@@ -34,6 +37,18 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", forc
         plain.save_pretrained(work)
         tokenizer.save_pretrained(work)
     return folder.finish()
+
+
+def _check_complete(file: Path, loaded, source: str) -> None:
+    """transformers fills weights a GGUF lacks with random values, silently: every parameter must come from the
+    file (read through transformers' own GGUF name map)."""
+    from ..export.gguf_reader import gguf_weight_map
+
+    weights = gguf_weight_map(file, loaded.config)
+    missing = [name for name, _ in loaded.named_parameters() if name not in weights]
+    if missing:
+        raise fail(source, "FILE", f"{len(missing)} of the model's weights are not in the file (first: "
+                   f"{missing[0]!r}), so they would be random", "use a complete GGUF of this model")
 
 
 def _magic(file: Path) -> bytes:

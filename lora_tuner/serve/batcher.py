@@ -114,13 +114,28 @@ class Batcher:
             jobs = self._next_batch()
             if jobs is None:
                 return
-            try:
-                self._generate(jobs)
-            except Exception as exc:  # a failed batch fails its requests, never the server
-                for job in jobs:
-                    if job.finish_reason is None:
-                        job.finish_reason = "error"
-                        job.emit("error", exc)
+            self._generate_or_fail(jobs)
+
+    def _generate_or_fail(self, jobs: list[Job]) -> None:
+        """A failed batch fails its requests, never the server. One bad row (an adapter whose logits turn NaN) must
+        not fail the others: a failed batch of several is retried row by row, for the rows that have sent no text
+        yet (what was streamed cannot be taken back)."""
+        try:
+            self._generate(jobs)
+        except Exception as exc:
+            fresh = [job for job in jobs if job.finish_reason is None and not job.sent]
+            for job in jobs:
+                if job.finish_reason is None and job not in fresh:
+                    job.finish_reason = "error"
+                    job.emit("error", exc)
+            if len(jobs) == 1:
+                for job in fresh:
+                    job.finish_reason = "error"
+                    job.emit("error", exc)
+                return
+            for job in fresh:
+                job.tokens = []
+                self._generate_or_fail([job])
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest request and those that can share its call: same sampling, at most `max_batch` rows, no more

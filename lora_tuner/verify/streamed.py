@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import fail
+
 
 class WeightMap(Mapping):
     """name -> float32 tensor, each computed when read. aliases: names the model asks for that are stored under
@@ -70,7 +72,7 @@ def config_of(folder: Path):
     return AutoConfig.from_pretrained(folder)
 
 
-def streamed_model(config, weights: Mapping) -> torch.nn.Module:
+def streamed_model(config, weights: Mapping, source: str = "model") -> torch.nn.Module:
     """The model of `config` in float32 on the CPU, each module's weights read from `weights` as it runs."""
     from accelerate import cpu_offload, init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -79,5 +81,6 @@ def streamed_model(config, weights: Mapping) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing = sorted(name for name, _ in model.named_parameters() if name not in weights)
     if missing:
-        raise KeyError(f"no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise fail(source, "weights", f"{len(missing)} of the model's weights are missing (first: {missing[0]!r})",
+                   "use a complete model (every weight its config.json asks for)")
     return cpu_offload(model.eval(), torch.device("cpu"), state_dict=weights)

@@ -54,7 +54,7 @@ class Source:
     name: str
 
     def model(self):
-        return streamed_model(self.config, self.weights)
+        return streamed_model(self.config, self.weights, self.name)
 
 
 @dataclass
