@@ -1,5 +1,6 @@
 """The `lora-tune` command: a thin click shell over the Python API. User errors exit 2 with one line each."""
 import logging
+import socket
 import sys
 import warnings
 from functools import wraps
@@ -358,8 +359,11 @@ def chat(adapters, base, max_new_tokens):
               help="Requests generated together in one forward, each with its own adapter.")
 @click.option("--api-key", envvar="LORA_TUNE_API_KEY", help="Require 'Authorization: Bearer KEY' (or set "
               "LORA_TUNE_API_KEY).")
+@click.option("--adapter-root", type=click.Path(file_okay=False, exists=True),
+              help="POST /v1/adapters may add adapters from folders under this one (else only those given at start).")
+@click.option("--max-body", default="4MB", show_default=True, help="Largest request body accepted (413 above).")
 @user_errors
-def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key):
+def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key, adapter_root, max_body):
     """Serve adapters behind one OpenAI-compatible endpoint (/v1/models, /v1/completions, /v1/chat/completions,
     streaming included): the request's `model` picks the adapter by name, or the bare base. Needs the serve extra:
     pip install 'lora-tune[serve]'.
@@ -371,10 +375,20 @@ def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key)
       curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
     """
+    from . import sizes
     from .errors import fail
 
     if not adapters and not base:
         raise fail("serve", "--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL")
+    if api_key is not None and not api_key.strip():
+        raise fail("serve", "--api-key", "the key is empty, which would let anyone in", "give a real key")
+    max_body = sizes.parse(max_body, "serve", "--max-body")
+    with socket.socket() as probe:  # before minutes of loading, and in one line (uvicorn exits 3 with its own)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise fail("serve", "--port", f"{host}:{port} cannot be used ({exc.strerror})",
+                       "choose another --port, or stop what listens there") from None
     try:
         import uvicorn
 
@@ -383,7 +397,8 @@ def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key)
         raise fail("serve", "(packages)", f"{exc.name} is not installed",
                    "pip install 'lora-tune[serve]' (FastAPI and uvicorn)") from None
     pool = _pool(adapters, base, max_loaded)
-    app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch)
+    app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch, max_body=max_body,
+                     adapter_root=Path(adapter_root) if adapter_root else None)
     served = ", ".join([f"{base_name} (the bare base)", *pool.names])
     click.echo(f"serving {served} on http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

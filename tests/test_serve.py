@@ -55,7 +55,8 @@ def served(tmp_path_factory, tiny_base, alpaca_file):
     pool.add("b", b)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(pool, api_key=KEY, max_batch=8), log_level="warning"))
+    app = create_app(pool, api_key=KEY, max_batch=8, max_body=64 * 1024, adapter_root=tmp)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -122,7 +123,7 @@ def test_concurrent_clients_get_their_own_adapter(served):
     client, url = served["client"], served["url"]
     jobs = [(model, PROMPTS[i % len(PROMPTS)], i % 2 == 0) for i, model in enumerate(["a", "b", "base"] * 3)][:8]
     alone = [complete(client, *job)[0] for job in jobs]  # one client at a time
-    before = httpx.get(f"{url}/health").json()
+    before = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
     together, start = [None] * len(jobs), threading.Barrier(len(jobs))
 
     def client_thread(i):
@@ -134,7 +135,7 @@ def test_concurrent_clients_get_their_own_adapter(served):
         thread.start()
     for thread in threads:
         thread.join()
-    after = httpx.get(f"{url}/health").json()
+    after = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert together == alone
     calls = after["generate_calls"] - before["generate_calls"]
     assert after["requests_served"] - before["requests_served"] == len(jobs)
@@ -216,6 +217,39 @@ def test_adapters_are_added_and_removed_at_run_time(served, tiny_base):
     assert refused.status_code == 400
     assert "belongs to another architecture" in refused.json()["error"]["message"]
     assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
+
+
+def test_a_shared_server_keeps_to_its_limits(served, tmp_path):
+    """Body size, keys, what /health tells a stranger, where adapters may be loaded from, prompts too long to fit."""
+    client, url = served["client"], served["url"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    huge = httpx.post(f"{url}/v1/completions", content=b"x" * (65 * 1024), headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"  # before the 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": KEY}).status_code == 401  # Bearer is required
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # nothing about what is served without the key
+    assert httpx.get(f"{url}/health", headers=headers).json()["adapters"] == ["a", "b"]
+    outside = make_adapter(served["base"], tmp_path / "elsewhere", 1)
+    refused = httpx.post(f"{url}/v1/adapters", json={"path": outside}, headers=headers)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "path_not_allowed"
+    with pytest.raises(openai.BadRequestError, match="characters, more than") as error:
+        client.completions.create(model="a", prompt="x" * 60_000, max_tokens=2)
+    assert error.value.body["code"] == "context_length_exceeded"
+    assert complete(client, "a", PROMPTS[0], chat=True)[0] == expected(served["pool"], PROMPTS[0], "a", chat=True)
+
+
+def test_a_non_ascii_key_is_accepted_and_an_empty_one_refused(served):
+    pool = served["pool"]
+    key = "clé-sécrète"
+    app = create_app(pool, api_key=key)
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as test_client:
+        good = test_client.get("/v1/models", headers={"Authorization": f"Bearer {key}".encode()})
+        bad = test_client.get("/v1/models", headers={"Authorization": "Bearer cle-secrete"})
+    assert good.status_code == 200 and bad.status_code == 401
+    done = subprocess.run([sys.executable, "-m", "lora_tuner.cli", "serve", "--adapter", served["a"], "--api-key", " "],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--api-key: the key is empty" in done.stderr
 
 
 def test_the_command_serves_on_loopback(served):

@@ -7,6 +7,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -21,6 +22,47 @@ from ..errors import UserError
 from .batcher import Batcher, Job, Sampling
 
 DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens; OpenAI's completions default is 16
+DEFAULT_MAX_BODY = 4 * 2**20  # bytes of a request body; a context of 2,048 tokens is ~10 KB of text
+
+
+class BodyLimit:
+    """Bodies over max_bytes are answered 413 before they are read (Content-Length) or as soon as they pass the
+    limit (chunked): FastAPI reads any body whole, before authentication."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": {"message": f"the request body is over {self.max_bytes:,} bytes (--max-body)",
+                                     "type": "invalid_request_error", "param": None, "code": "body_too_large"}})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class BodyTooLarge(Exception):
+    pass
 
 
 class APIError(Exception):
@@ -80,9 +122,14 @@ class AdapterRequest(BaseModel):
 
 
 def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None = None, max_batch: int = 8,
-               context_length: int | None = None) -> FastAPI:
+               context_length: int | None = None, max_body: int = DEFAULT_MAX_BODY,
+               adapter_root: Path | None = None) -> FastAPI:
+    """adapter_root: POST /v1/adapters loads only folders under it, or those the pool held at start."""
     batcher = Batcher(pool, max_batch=max_batch)
     context = context_length or getattr(pool.model.config, "max_position_embeddings", None)
+    allowed = {path.resolve() for path in pool.paths.values()}
+    # no token is longer than this, so a text of more than context * this characters cannot fit the context
+    longest_token = max((len(pool.tokenizer.decode([i])) for i in range(len(pool.tokenizer))), default=1) or 1
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,6 +137,7 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
         batcher.close()
 
     app = FastAPI(title="lora-tune", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -102,13 +150,25 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
         message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
         return APIError(400, message, where).response()
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # HTTP headers arrive as latin-1 text; the key's UTF-8 bytes are what a client sent
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                                     api_key.encode("utf-8"))
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
                            kind="authentication_error")
+
+    def fits_context(text: str, param: str) -> str:
+        """Refused before it is tokenized when it cannot fit: a huge prompt would hold a worker for seconds."""
+        if context is not None and len(text) > context * longest_token:
+            raise APIError(400, f"this model's context is {context} tokens; the {param} has {len(text):,} "
+                           "characters, more than that many tokens can hold", param, "context_length_exceeded")
+        return text
 
     def adapter_for(model: str) -> str | None:
         if model == base_name:
@@ -129,7 +189,9 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
         return queued
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not authorized(request):  # alive, and nothing about what is served
+            return {"status": "ok"}
         return {"status": "ok", "base": base_name, "adapters": pool.names, "queued": batcher.queued,
                 "generate_calls": batcher.calls, "requests_served": batcher.rows}
 
@@ -145,7 +207,7 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
         if len(prompts) != 1:
             raise APIError(400, "one prompt per request (send several requests: they are batched together)",
                            "prompt")
-        ids = pool.prompt_ids(prompts[0], adapter, template=False)
+        ids = await asyncio.to_thread(pool.prompt_ids, fits_context(prompts[0], "prompt"), adapter, template=False)
         if not ids:
             raise APIError(400, "the prompt is empty", "prompt")
         return await answer(job(body, ids, adapter, body.max_tokens, "prompt"), body, chat=False)
@@ -154,10 +216,11 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
     async def chat_completions(body: ChatRequest):
         adapter = adapter_for(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        fits_context("".join(m["content"] for m in messages), "messages")
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages hold no user message with content", "messages")
         try:
-            ids = pool.chat_ids(messages, adapter)
+            ids = await asyncio.to_thread(pool.chat_ids, messages, adapter)
         except TemplateError as exc:
             raise APIError(400, f"{body.model}: {exc}", "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
@@ -165,12 +228,16 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
 
     @app.post("/v1/adapters", dependencies=[Depends(authorize)])
     async def add_adapter(body: AdapterRequest):
+        folder = Path(body.path).expanduser().resolve()
+        if folder not in allowed and not (adapter_root and folder.is_relative_to(adapter_root.resolve())):
+            raise APIError(403, "adapters are added from under --adapter-root only (or the folders served at start)",
+                           "path", "path_not_allowed")
         name = body.name or adapter_name(body.path)
         if name == base_name or name in pool.names:
             raise APIError(409, f"{name!r} is already served; DELETE /v1/adapters/{name} first, or pick another "
                            "name", "name", "adapter_exists")
         try:
-            await asyncio.to_thread(pool.add, name, body.path)
+            await asyncio.to_thread(pool.add, name, folder)
         except UserError as exc:
             raise APIError(400, str(exc), "path", "adapter_not_loadable") from None
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lora-tune"}
