@@ -28,8 +28,11 @@ SHAPES = {
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
     "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+                 num_attention_heads=4, num_key_value_heads=4, vocab_size=288, max_position_embeddings=2048),
 }
+# the LLaMA tokenizer for the real shape; the tiny check uses the byte tokenizer, which loads at once (the LLaMA
+# one is converted to a fast tokenizer on every load: seconds each time on a CPU)
+TOKENIZERS = {"llama-7b": str(SHARED / "tokenizers" / "llama"), "tiny": "bytes"}
 EPOCH = "tatsu-lab/alpaca"  # plan counts its epoch from KNOWN_DATA
 
 
@@ -44,15 +47,18 @@ def device_name() -> tuple[str, str]:
     return (found[0] if found else "h100"), full
 
 
-def measure(recipe_name: str, shape: str, steps: int, data: Path, work: Path) -> dict:
+def measure(recipe_name: str, shape: str, steps: int, data: Path, work: Path, rows: int, batch: int | None) -> dict:
     from lora_tuner import load_recipe, run
     from lora_tuner.plan.estimate import make_plan
 
     plan_device, described = device_name()
     overrides = ["model.init=random", f"model.config={json.dumps(SHAPES[shape])}", "model.name_or_path=null",
-                 f"model.tokenizer={SHARED / 'tokenizers' / 'llama'}", f"data.path={data}", "data.validation_size=8",
+                 f"model.tokenizer={TOKENIZERS[shape]}", f"data.path={data}", f"data.limit={rows}",
+                 "data.validation_size=8",
                  f"train.max_steps={steps}", f"train.eval_steps={steps * 10}", f"train.save_steps={steps * 10}",
                  f"train.logging_steps={max(1, steps // 5)}", "train.report_to=[]"]
+    if batch:  # a quick check on a CPU; a GPU measures the recipe's own batch
+        overrides += [f"train.batch_size={batch}", "train.gradient_accumulation=1"]
     recipe = load_recipe(recipe_name, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -78,11 +84,14 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-7b" if torch.cuda.is_available() else "tiny")
     parser.add_argument("--steps", type=int, default=30, help="training steps timed per recipe")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "alpaca_5000.json")
+    parser.add_argument("--batch-size", type=int, help="instead of the recipe's (a quick check on a CPU)")
+    parser.add_argument("--rows", type=int, default=5000, help="data rows read (packed lengths follow them)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON result")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpu-epoch-"))
     try:
-        rows = {name: measure(name, args.shape, args.steps, args.data, work) for name in args.recipes.split(",")}
+        rows = {name: measure(name, args.shape, args.steps, args.data, work, args.rows, args.batch_size)
+                for name in args.recipes.split(",")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'recipe':26s} {'tokens/s':>9s} {'plan':>8s} {'min/epoch':>10s} {'plan':>7s} {'peak GB':>8s} {'plan':>6s}")
