@@ -22,6 +22,10 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
     name = str(source)
     if kind not in TYPES:
         raise fail(name, "--type", f"{kind!r} is not a GGUF type lora-tune writes", f"use one of {', '.join(TYPES)}")
+    run = RunFolder(source)
+    if not run.has_adapter and not (source / "config.json").is_file():
+        raise fail(name, "SOURCE", "neither a run folder nor a merged model folder",
+                   "point at adapters/<run> or at a folder written by lora-tune merge")
     if out.is_relative_to(source.resolve()):
         raise fail(name, "--out", f"{str(out)!r} is inside SOURCE {str(source.resolve())!r}, which this command reads",
                    "choose an --out outside it")
@@ -31,7 +35,6 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
                        "to replace it")
     if not out.parent.is_dir():
         raise fail(name, "--out", f"folder {str(out.parent)!r} does not exist", "create it, or choose another --out")
-    run = RunFolder(source)
     if verify:
         verify_rows = verify_rows or ROWS
     _check_memory(run, source, kind, verify_rows if verify else None, name)
@@ -50,11 +53,8 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
                     temporaries.pop()  # the message points the user at the failed merge: it stays for a look
                 raise
             model_folder = merged_dir
-        elif (source / "config.json").is_file():
-            model_folder = source
         else:
-            raise fail(name, "SOURCE", "neither a run folder nor a merged model folder",
-                       "point at adapters/<run> or at a folder written by lora-tune merge")
+            model_folder = source
         exporter = GgufExporter(model_folder, kind, name, model_name=source.resolve().name)
         exporter.write(MergedWeights.of(model_folder, torch.float32, name), partial)
         verification = _verify(partial, model_folder, kind, verify_rows) if verify else None
@@ -87,10 +87,8 @@ def _check_memory(run: RunFolder, source: Path, kind: str, rows: int | None, nam
         from .merge import resolve_base
 
         model_folder = resolve_base(None, run, name)
-    elif (source / "config.json").is_file():
-        model_folder = source
     else:
-        return  # refused below, naming what SOURCE should be
+        model_folder = source
     need = commands.gguf_export(commands.Shape.of_folder(model_folder, name), kind, rows)
     commands.require(need, name, "memory", "verify on fewer rows (--verify-rows 4) or pass --no-verify"
                      if rows else "free some memory")
