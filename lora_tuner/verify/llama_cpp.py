@@ -64,6 +64,8 @@ def response_logits(model, batches: list[Batch]) -> list[torch.Tensor]:
     for batch in batches:
         rows = []
         for ids, scored in batch.examples():  # each example in a context of its own
+            if not scored.any():
+                continue  # a pad segment
             model.reset()
             with _stderr_captured():
                 model.eval(ids.tolist())

@@ -58,16 +58,31 @@ def batches(rows: list[TokenizedExample], pad_id: int, size: int = BATCH_ROWS) -
     return found
 
 
-def packed(rows: list[TokenizedExample]) -> Batch:
-    """All rows as one row, position ids restarting at each: no padding computed, which matters when every weight
-    is read once per batch (a streamed model). Only for models whose attention keeps packed examples apart
-    (model/packing_check.py)."""
-    chunk = [r.training_row(train_on_inputs=False) for r in rows]
-    ids = torch.tensor([token for r in chunk for token in r["input_ids"]]).unsqueeze(0)
-    positions = torch.cat([torch.arange(len(r["input_ids"])) for r in chunk]).unsqueeze(0)
-    scored = torch.cat([torch.tensor([label != IGNORE for label in r["labels"][1:]] + [False]) for r in chunk])
-    targets = torch.tensor([label for r in chunk for label in r["labels"][1:] if label != IGNORE], dtype=torch.long)
-    return Batch(ids, None, scored.unsqueeze(0), targets, positions)
+def packed(rows: list[TokenizedExample], pad_id: int, row_tokens: int) -> Batch:
+    """All rows in one batch, packed into rows of at most row_tokens tokens (first fit, longest first) with position
+    ids restarting at each example, each row filled up by a pad segment of its own: no padding is attended to or
+    scored, which matters when every weight is read once per batch (a streamed model), while attention stays
+    [rows x row_tokens^2]. Only for models whose attention keeps packed examples apart (model/packing_check.py)."""
+    def size(group: list[dict]) -> int:
+        return sum(len(r["input_ids"]) for r in group)
+
+    bins: list[list[dict]] = []
+    for row in sorted((r.training_row(train_on_inputs=False) for r in rows), key=lambda r: -len(r["input_ids"])):
+        place = next((group for group in bins if size(group) + len(row["input_ids"]) <= row_tokens), None)
+        if place is None:
+            place = []
+            bins.append(place)
+        place.append(row)
+    length = max(size(group) for group in bins)
+    ids, positions, scored, targets = [], [], [], []
+    for group in bins:
+        fill = length - size(group)
+        ids.append([token for r in group for token in r["input_ids"]] + [pad_id] * fill)
+        positions.append([i for r in group for i in range(len(r["input_ids"]))] + list(range(fill)))
+        scored.append([label != IGNORE for r in group for label in r["labels"][1:] + [IGNORE]] + [False] * fill)
+        targets += [label for r in group for label in r["labels"][1:] if label != IGNORE]
+    return Batch(torch.tensor(ids), None, torch.tensor(scored), torch.tensor(targets, dtype=torch.long),
+                 torch.tensor(positions))
 
 
 @torch.no_grad()

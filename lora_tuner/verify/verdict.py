@@ -79,7 +79,10 @@ def verification_rows(run: RunFolder, tokenizer_folder: Path, config, rows: int 
     tokenized = tokenized_rows(tokenizer, examples[:rows], min(max_length, MAX_LENGTH))
     texts = [e["prompt"] + e["completion"] for e in examples[:rows] if isinstance(e["prompt"], str)]
     pad = tokenizer.pad_token_id or 0
-    layout = [packed(tokenized)] if packs_apart(config) else batches(tokenized, pad, len(tokenized))
+    if packs_apart(config):
+        layout = [packed(tokenized, pad, 2 * MAX_LENGTH)]
+    else:
+        layout = batches(tokenized, pad, len(tokenized))
     return Rows(layout, len(tokenized), held_out, texts)
 
 
