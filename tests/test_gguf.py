@@ -53,6 +53,18 @@ def test_a_run_folder_exports_to_a_gguf_that_reads_back_as_the_merged_model(bpe_
     assert "{{ .Prompt }}" in modelfile and "### Instruction:" in modelfile and 'PARAMETER stop "</s>"' in modelfile
 
 
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_a_large_gguf_is_tokenized_by_llama_cpp_and_read_back_streamed(bpe_run, tmp_path, monkeypatch):
+    """Over the size llama.cpp computes logits for (it would hold the whole model), llama.cpp still loads the
+    vocabulary and tokenizes, and the logits come from the streamed read-back: same verdict for a sound file."""
+    from lora_tuner.verify import verdict
+
+    monkeypatch.setattr(verdict, "LLAMA_CPP_LOGITS_MAX_BYTES", 0)
+    v = export_gguf(bpe_run, tmp_path / "model.gguf", kind="f16", verify_rows=8).verification
+    assert "loaded its vocabulary and tokenized" in v.judge and "streamed" in v.judge
+    assert v.passed and v.tokenizer_round_trip and v.top1_agreement == 1.0 and v.max_abs_logit_diff < 1e-4
+
+
 def test_the_streamed_read_back_equals_transformers_gguf_loader(bpe_run, tiny_bpe_llama, tmp_path):
     """Without llama.cpp, and for files too large for it, verification reads the GGUF a tensor at a time through
     transformers' name map: the logits equal those of transformers' own whole-model GGUF loader."""

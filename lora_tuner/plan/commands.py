@@ -13,11 +13,10 @@ from pathlib import Path
 
 from .. import sizes
 from ..errors import fail
-from ..verify import MAX_LENGTH
+from ..verify import LLAMA_CPP_LOGITS_MAX_BYTES, MAX_LENGTH
 
 FLOOR = 500 * 2**20  # python with torch, transformers, peft and accelerate imported: 470 MB measured
 BYTES_PER_WEIGHT = {"4bit": 0.6, "8bit": 1.1}  # a quantized base in memory, its norms and embeddings included
-LLAMA_CPP_LOGITS_MAX_BYTES = 2 * 2**30  # verify/verdict.py: llama.cpp maps smaller files whole
 ENVIRONMENT = "LORA_TUNE_MEMORY"
 GGUF_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -85,14 +84,14 @@ def merge(shape: Shape, lora_params: int, verify_rows: int | None, round_trip_4b
 
 
 def gguf_export(shape: Shape, kind: str, verify_rows: int | None) -> Need:
-    """Writing quantizes one float32 tensor at a time (gguf's numpy code makes a few copies); llama.cpp maps a file
-    of up to 2 GiB whole to compute its logits."""
+    """Writing quantizes one float32 tensor at a time (gguf's numpy code makes a few copies); llama.cpp holds a file
+    of up to 2 GiB whole to compute its logits (mapped, and its weights repacked for the CPU: twice the file)."""
     need = Need(f"gguf {kind}" + (" with verification" if verify_rows else ""),
                 {"imports": FLOOR, "writing": 12 * shape.largest})
     if verify_rows:
         need.parts.update(verification(shape, verify_rows))
         size = int(shape.params * GGUF_BYTES_PER_WEIGHT[kind])
-        need.parts["llama.cpp file"] = size if size <= LLAMA_CPP_LOGITS_MAX_BYTES else 0
+        need.parts["llama.cpp"] = 2 * size if size <= LLAMA_CPP_LOGITS_MAX_BYTES else 0
     return need
 
 

@@ -4,3 +4,4 @@ weights read on demand (memory: a few tensors, whatever the model's size), verdi
 
 ROWS = 16  # verification rows by default
 MAX_LENGTH = 256  # tokens of each, at most
+LLAMA_CPP_LOGITS_MAX_BYTES = 2 * 2**30  # GGUF files llama.cpp computes logits for; larger ones are read back streamed

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import fail
 from ..run_folder import RunFolder
-from . import MAX_LENGTH, ROWS
+from . import LLAMA_CPP_LOGITS_MAX_BYTES, MAX_LENGTH, ROWS
 from .report import GgufVerification, Verification
 from .scoring import Batch, agreement, batches, loss, packed, reference_logits, tokenized_rows
 from .streamed import packs_apart, streamed_model
@@ -38,7 +38,6 @@ FALLBACK = ["Below is an instruction that describes a task.", "The quick brown f
 # merged in that dtype): 100% measured. q8_0 and q4_0 from SmolLM2-135M (16 held-out rows, 1,002 tokens): 98.7% and
 # 70.3%; a 135M model loses much to 4 bits, and a broken export (e.g. unpermuted Q/K rows) agrees on a few percent.
 GGUF_MIN_TOP1 = {"f16": 0.999, "bf16": 0.999, "q8_0": 0.95, "q4_0": 0.60}
-LLAMA_CPP_LOGITS_MAX_BYTES = 2 * 2**30
 # Tokenized by the GGUF's judge and the trained tokenizer alike, with the verification rows' own text. Not a run of
 # spaces at the start of a text: there transformers' conversion of SentencePiece tokenizers to BPE (LLaMA 1/2) splits
 # "  a" as "▁▁" "a" where SentencePiece itself, and llama.cpp with it, gives "▁▁" "▁a".
@@ -118,8 +117,9 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
                 rows: Rows) -> GgufVerification:
     """The GGUF against the merged model it was written from (float32), judged by llama.cpp itself where its binding
     is installed: it must load the file, tokenize sample text to the trained tokenizer's ids, and compute logits that
-    agree at the type's threshold. Files over LLAMA_CPP_LOGITS_MAX_BYTES are loaded and tokenized by llama.cpp, and
-    their logits read back streamed (llama.cpp's mapped file would count whole in memory). Without the binding,
+    agree at the type's threshold. For files over LLAMA_CPP_LOGITS_MAX_BYTES llama.cpp loads the vocabulary and
+    tokenizes, and the logits are read back streamed: llama.cpp holds a whole model in memory (on CPUs it repacks the
+    weights it maps: a 7B q8_0 verification peaked at 11 GB that way). Without the binding,
     transformers' GGUF reader is the judge, and the report says so."""
     from transformers import AutoTokenizer
 
@@ -133,19 +133,20 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         round_trip = all(ours(text)["input_ids"] == theirs(text)["input_ids"] for text in SAMPLE_TEXT + rows.texts)
         judge, found = "transformers' GGUF reader (llama-cpp-python is not installed)", None
     else:
+        small = gguf_file.stat().st_size <= LLAMA_CPP_LOGITS_MAX_BYTES
+        longest = max(len(ids) for batch in rows.batches for ids, _ in batch.examples())
         try:
-            longest = max(len(ids) for batch in rows.batches for ids, _ in batch.examples())
-            model = llama_cpp.load(gguf_file, context=longest + 1)
+            model = llama_cpp.load(gguf_file, vocab_only=not small, context=longest + 1)
         except llama_cpp.Refused as refused:
             raise fail(str(gguf_file), "verification", f"llama.cpp {version} refuses the file: {refused}",
                        "report this with the file's export_report.json") from None
         round_trip = all(ours(text, add_special_tokens=False)["input_ids"] == llama_cpp.tokenize(model, text)
                          for text in SAMPLE_TEXT + rows.texts)
-        if gguf_file.stat().st_size <= LLAMA_CPP_LOGITS_MAX_BYTES:
+        if small:
             judge, found = f"llama.cpp (llama-cpp-python {version})", llama_cpp.response_logits(model, rows.batches)
         else:
-            judge, found = (f"llama.cpp (llama-cpp-python {version}) loaded and tokenized it; logits read back "
-                            "streamed, as the file is over 2 GiB"), None
+            judge, found = (f"llama.cpp (llama-cpp-python {version}) loaded its vocabulary and tokenized; logits "
+                            "read back streamed, as the file is over 2 GiB"), None
         model.close()
     if found is None:
         found = reference_logits(gguf.model(), rows.batches, desc="verifying the gguf")
