@@ -1,5 +1,6 @@
 """Output folders (runs, merge exports) appear only when complete: work happens in a hidden sibling that is
 renamed into place, so a crash at any moment leaves the previous state readable."""
+import errno
 import os
 import shutil
 import time
@@ -62,9 +63,14 @@ class AtomicFolder:
     @contextmanager
     def writing(self):
         """The started partial folder, removed again if the block ends in an exception or Ctrl-C: nothing
-        half-written is left to block the next attempt."""
+        half-written is left to block the next attempt. A disk that fills up is one line."""
         try:
             yield self.start()
+        except OSError as exc:
+            self.discard()
+            if exc.errno == errno.ENOSPC:
+                raise no_space(self.final.parent, self.source, self.field) from None
+            raise
         except BaseException:
             self.discard()
             raise
@@ -83,3 +89,9 @@ class AtomicFolder:
         if retired:
             shutil.rmtree(retired)
         return self.final
+
+
+def no_space(folder: Path, source: str, field: str):
+    """The one line for a disk that filled up while an output was written (nothing of it is left in place)."""
+    return fail(source, field, f"no space left on the device of {str(folder)!r}; nothing was put in place",
+                f"free some space or choose another {field}, then run again")

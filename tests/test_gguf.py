@@ -108,6 +108,30 @@ def test_a_gguf_missing_a_weight_is_refused_on_import_and_export(tiny_bpe_llama,
         import_gguf(tmp_path / "holed.gguf", tmp_path / "out")
 
 
+def test_a_run_that_lost_its_tokenizer_files_still_exports_its_training_prompt(bpe_run, tmp_path):
+    """The merge takes the base's tokenizer then, and writes the chat template from the run's recipe."""
+    import shutil
+
+    run = Path(shutil.copytree(bpe_run, tmp_path / "run"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (run / name).unlink(missing_ok=True)
+    export_gguf(run, tmp_path / "model.gguf", kind="q8_0", verify=False)
+    template = bytes(GGUFReader(tmp_path / "model.gguf").fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert template == (bpe_run / "chat_template.jinja").read_text()
+
+
+def test_a_disk_that_fills_during_export_or_import_is_one_line(bpe_run, tmp_path, small_disk):
+    export_gguf(bpe_run, tmp_path / "model.gguf", kind="f16", verify=False)
+    disk = small_disk(64 * 1024)
+    for args in (["export", str(bpe_run), "--type", "f16", "--no-verify", "--out", str(disk / "x.gguf")],
+                 ["import-gguf", str(tmp_path / "model.gguf"), "--out", str(disk / "imported")]):
+        result = CliRunner().invoke(main, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output[-2000:]
+        assert "no space left" in errors[0] and "nothing was put in place" in errors[0]
+        assert not list(disk.iterdir())
+
+
 def test_q8_0_and_q4_0_quantize_matrices_and_keep_norms(bpe_run, tmp_path):
     for kind, embedding in (("q8_0", "Q8_0"), ("q4_0", "Q8_0")):
         out = tmp_path / f"{kind}.gguf"

@@ -296,6 +296,15 @@ CASES = {
     "export-out-inside-source": (lambda c: (lambda base: ["export", str(base), "--out", str(base / "x.gguf"),
                                                           "--force"])(copy_base(c, "out")),
                                  ["--out", "inside SOURCE", "outside it"]),
+    "generate-adapter-symlink-loop": (lambda c: ((c.tmp / "loop").symlink_to(c.tmp / "loop"), ["generate", "--adapter",
+                                      str(c.tmp / "loop"), "--base", c.base("llama"), "--prompt", "hi"])[1],
+                                      ["adapter", "cannot resolve the path", "real adapter folder"]),
+    "eval-merged-pickle-only": (lambda c: ["eval", str(adapter_for(c.base("llama"), c.tmp / "adapter")), "--merged",
+                                           str(pickled_base(c))], ["--merged", "pickled weights are never read"]),
+    "eval-merged-not-a-model": (lambda c: ["eval", str(adapter_for(c.base("llama"), c.tmp / "adapter")), "--merged",
+                                           str(c.tmp)], ["--merged", "not a merged model folder"]),
+    "eval-merged-is-the-run": (lambda c: (lambda a: ["eval", str(a), "--merged", str(a)])(
+        adapter_for(c.base("llama"), c.tmp / "adapter")), ["--merged", "not a merged model folder"]),
     # memory known up front: refused before anything is written
     "merge-does-not-fit": (lambda c: c.budget("100MB", c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"))),
                            ["memory", "merge with verification needs about", "LORA_TUNE_MEMORY is 100.0 MB",

@@ -160,6 +160,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
                                                                           {"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="a", prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError) as error:  # a text part whose text is not text
+        client.chat.completions.create(model="a", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "text", "text": 5}]}])
+    assert "messages" in error.value.body["param"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     bad_json = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": "a", "messages": [',

@@ -12,9 +12,17 @@ from ..safe_files import open_safetensors
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder, resolved; a path that cannot be (a loop of symbolic links) is one line."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # Python raises RuntimeError for a symlink loop
+        raise fail(str(path), "adapter", f"cannot resolve the path ({exc})", "point at a real adapter folder") from None
+
+
 def adapter_name(folder: str | Path) -> str:
     """The name an adapter folder is served or switched to by: its folder name as an identifier."""
-    return re.sub(r"\W", "_", Path(folder).expanduser().resolve().name)
+    return re.sub(r"\W", "_", adapter_folder(folder).name)
 
 
 def check_name(name: str) -> str:

@@ -12,7 +12,7 @@ from ..errors import fail
 from ..model.loading import load_base
 from ..model.tokenizer import load_tokenizer
 from ..run_folder import RunFolder
-from .compat import check_adapter, check_name
+from .compat import adapter_folder, check_adapter, check_name
 from .prompting import TrainingPrompt, training_prompt
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in per-row adapter_names
@@ -51,7 +51,7 @@ class AdapterPool:
 
     def add(self, name: str, path: str | Path) -> None:
         check_name(name)
-        folder = Path(path).expanduser().resolve()
+        folder = adapter_folder(path)
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         check_adapter(folder, base, self.base_id)  # the whole adapter, before its name is visible anywhere
         prompt = training_prompt(RunFolder(folder), self.tokenizer)

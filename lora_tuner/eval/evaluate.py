@@ -64,6 +64,8 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
 
     target = RunFolder(folder)
     source = str(folder)
+    if merged is not None:
+        _check_merged(Path(merged), source)
     if target.is_run:
         pool = AdapterPool(str(target.path))
         pool.add("adapter", target.path)
@@ -102,6 +104,16 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     target.write_json(RunFolder.EVAL_JSON, asdict(report))
     write_atomically(target / RunFolder.EVAL_MD, report.markdown())
     return report
+
+
+def _check_merged(merged: Path, source: str) -> None:
+    """Refused before any model loads: not a model folder, a run folder, or weights that are not safetensors."""
+    from ..export.base_reader import base_shards
+
+    if not (merged / "config.json").is_file() or RunFolder(merged).has_adapter:
+        raise fail(source, "--merged", f"{str(merged)!r} is not a merged model folder",
+                   "point at a folder written by lora-tune merge")
+    base_shards(merged, source, "--merged")
 
 
 def _measure(model, scored_rows, desc: str) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from .safetensors_layout import DTYPE_NAMES, read_header, torch_dtype
 INDEX = "model.safetensors.index.json"
 
 
-def base_shards(folder: Path, source: str) -> list[Path]:
+def base_shards(folder: Path, source: str, field: str = "--base") -> list[Path]:
     """The base's safetensors files in index order (or the single model.safetensors)."""
     index = folder / INDEX
     if index.is_file():
@@ -23,7 +23,7 @@ def base_shards(folder: Path, source: str) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    raise fail(source, "--base", f"{str(folder)!r} holds no model.safetensors or {INDEX}",
+    raise fail(source, field, f"{str(folder)!r} holds no model.safetensors or {INDEX} (pickled weights are never read)",
                "point --base at a folder saved with save_pretrained (safetensors)")
 
 

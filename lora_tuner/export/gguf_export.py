@@ -1,5 +1,6 @@
 """`lora-tune export --format gguf`: from a run folder (merged first, exactly as `lora-tune merge` merges) or a merged
 export to one verified .gguf file, with an Ollama Modelfile beside it."""
+import errno
 import os
 import shutil
 import time
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_folder import no_space
 from ..errors import UserError, fail
 from ..run_folder import RunFolder
 from ..verify import ROWS
@@ -56,7 +58,12 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
         else:
             model_folder = source
         exporter = GgufExporter(model_folder, kind, name, model_name=source.resolve().name)
-        exporter.write(MergedWeights.of(model_folder, torch.float32, name), partial)
+        try:
+            exporter.write(MergedWeights.of(model_folder, torch.float32, name), partial)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise no_space(out.parent, name, "--out") from None
+            raise
         verification = _verify(partial, model_folder, kind, verify_rows) if verify else None
         report = ExportReport(source=str(source.resolve()), merged_on_the_fly=model_folder == merged_dir, file=str(out),
                               type=kind,

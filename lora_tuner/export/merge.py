@@ -72,7 +72,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
         places = {target: work if i == 0 else work.with_name(f"{work.name}-{target}")
                   for i, target in enumerate(targets.value)}
         try:
-            with _write_limits_as_one_line(work, max_bytes, source):
+            with _write_limits_as_one_line(max_bytes, work, source):
                 for target, place in places.items():
                     place.mkdir(exist_ok=True)
                     files, out_dtype = _write_weights(deltas, base_folder, place, out_dtype, max_bytes,
@@ -163,15 +163,12 @@ def _verification_fix(dtype: torch.dtype) -> str:
 
 
 @contextmanager
-def _write_limits_as_one_line(work: Path, max_bytes: int, source: str):
-    """A full disk, or a file system that caps file sizes (FAT32: 4 GB), met while writing the export: one line that
-    says what to change, and the unfinished export stays out of place."""
+def _write_limits_as_one_line(max_bytes: int, work: Path, source: str):
+    """A file system that caps file sizes (FAT32: 4 GB), met while writing the export: one line that says what to
+    change (a full disk is AtomicFolder.writing's)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise fail(source, "--out", f"no space left on the device of {str(work.parent)!r}; the unfinished export "
-                       f"is in {str(work)!r}", "free some space, then run again with --force") from None
         if exc.errno == errno.EFBIG:
             raise fail(source, "--shard-size", f"a shard of up to {max_bytes:,} bytes is too large for a file in "
                        f"{str(work.parent)!r}", "pass a smaller --shard-size, e.g. 2GB") from None
@@ -271,6 +268,8 @@ def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: t
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, work)
+    if run.is_run and tokenizer_source != run.path and any((work / name).is_file() for name in VOCABULARY_FILES):
+        _write_training_template(run, work)
     for name in (RunFolder.RECIPE, RunFolder.VALIDATION):  # so `lora-tune eval EXPORT` scores the run's rows
         if (run / name).is_file():
             shutil.copy2(run / name, work)
@@ -282,6 +281,18 @@ def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: t
         if eos is not None and eos not in stops:  # generation stops where training's responses ended
             generation["eos_token_id"] = stops + [eos]
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_training_template(run: RunFolder, work: Path) -> None:
+    """A run folder whose tokenizer files were lost: the base's tokenizer is copied, and the chat template that
+    renders the training prompt is written from the recipe, so the export still prompts as trained."""
+    from transformers import AutoTokenizer
+
+    from ..data.tokenize import training_chat_template
+
+    template = training_chat_template(run.recipe().data, AutoTokenizer.from_pretrained(work))
+    if template:
+        (work / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
 def _tokenizer_source(run: RunFolder, base_folder: Path) -> Path:

@@ -96,18 +96,24 @@ class CompletionRequest(Generation):
     max_tokens: int | None = Field(16, ge=1)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    content: str | list[ContentPart]
 
     def text(self) -> str:
         """Content parts ([{"type": "text", "text": ...}]) joined; other part types are refused."""
         if isinstance(self.content, str):
             return self.content
-        if any(part.get("type") != "text" for part in self.content):
+        if any(part.type != "text" for part in self.content):
             raise APIError(400, "only text content parts are supported", "messages")
-        return "".join(part.get("text", "") for part in self.content)
+        return "".join(part.text for part in self.content)
 
 
 class ChatRequest(Generation):
