@@ -10,13 +10,17 @@ keeps them). The weights' scales are chosen so that random logits are not near-t
 which would make top-1 agreement meaningless. Everything made is deleted at the end; ~34 GB of disk is needed at
 the peak.
 
-    python benchmarks/scale.py [--shapes llama-7b,gptj-6b]
+    python benchmarks/scale.py [--shapes llama-7b,gptj-6b] [--rounds 3] [--parts merge,export]
+
+cp and merge --no-verify take turns --rounds times (medians, min-max); the verified merge and the export run once
+(each is 10-20 minutes).
 """
 import argparse
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -111,7 +115,7 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lora_tuner.cli", *args]
 
 
-def run_shape(shape: str, export: bool, layers: int | None) -> dict:
+def run_shape(shape: str, parts: set[str], layers: int | None, rounds: int) -> dict:
     started = time.time()
     print(f"{shape}: building the random base and adapter...", flush=True)
     # built in a child: a child forked from a parent holding torch would report the parent's RSS as its own peak
@@ -121,7 +125,7 @@ def run_shape(shape: str, export: bool, layers: int | None) -> dict:
     built = time.time() - started
     base_gb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9
     out, copy = WORK / shape / "merged", WORK / shape / "copy"
-    methods = {}
+    runs: dict[str, list[dict]] = {}
 
     def timed(name: str, command: list[str], report: Path | None = None) -> dict:
         os.sync()
@@ -129,35 +133,56 @@ def run_shape(shape: str, export: bool, layers: int | None) -> dict:
         row = {"seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
         if report is not None:
             row["report"] = json.loads(report.read_text())
-        methods[name] = row
+        runs.setdefault(name, []).append(row)
         print(f"  {name:40s} {seconds:8.1f} s {rss:9.0f} MB", flush=True)
         return row
 
-    timed("cp -r of the base", ["cp", "-r", str(base), str(copy)])
-    shutil.rmtree(copy)
     merge = cli("merge", str(adapter), "--base", str(base), "--out", str(out))
-    timed("lora-tune merge --no-verify", merge + ["--no-verify"])
-    shutil.rmtree(out)
-    merged = timed("lora-tune merge (default: verified)", merge, out / "merge_report.json")
-    shutil.rmtree(out)
-    if export:
+    for _ in range(rounds):  # cp and the plain merge take turns, each after a sync
+        timed("cp -r of the base", ["cp", "-r", str(base), str(copy)])
+        shutil.rmtree(copy)
+        timed("lora-tune merge --no-verify", merge + ["--no-verify"], out / "merge_report.json")
+        shutil.rmtree(out)
+    if "merge" in parts:
+        timed("lora-tune merge (default: verified)", merge, out / "merge_report.json")
+        shutil.rmtree(out)
+    if "export" in parts:
         # the adapter folder names its base (adapter_config.json), so export merges it on the fly, verified
         gguf = WORK / shape / "model.gguf"
         export = cli("export", str(adapter), "--type", "q8_0", "--out", str(gguf))
         timed("lora-tune export --type q8_0 (verified)", export, gguf.with_suffix(".export_report.json"))
     shutil.rmtree(WORK / shape)
-    plain = methods["lora-tune merge --no-verify"]["seconds"]
-    verification = merged["report"]["verification"]
-    return {"base_gb": round(base_gb, 1), "build_seconds": round(built), "methods": methods,
-            "merge_no_verify_vs_cp": round(plain / methods["cp -r of the base"]["seconds"], 2),
-            "verification_share_of_merge": round(1 - plain / merged["seconds"], 2),
-            "verification": {key: verification[key]
-                             for key in ("rows", "tokens", "top1_agreement", "mean_kl", "loss_rule", "passed")}}
+    methods = {name: median_row(rows) for name, rows in runs.items()}
+    copy_s, plain = methods["cp -r of the base"]["seconds"], methods["lora-tune merge --no-verify"]
+    result = {"base_gb": round(base_gb, 1), "build_seconds": round(built), "rounds": rounds, "methods": methods,
+              "merge_no_verify_vs_cp": round(plain["seconds"] / copy_s, 2),
+              "merge_itself_vs_cp": round(plain["merge_seconds"] / copy_s, 2)}
+    if "merge" in parts:
+        merged = methods["lora-tune merge (default: verified)"]
+        verification = merged["report"]["verification"]
+        result.update({"verification_share_of_merge": round(1 - plain["seconds"] / merged["seconds"], 2),
+                       "verification": {key: verification[key] for key in (
+                           "rows", "tokens", "top1_agreement", "mean_kl", "loss_rule", "passed")}})
+    return result
+
+
+def median_row(rows: list[dict]) -> dict:
+    """Medians and spread of a method's rounds; merge_seconds: merge() itself, as its report times it."""
+    seconds = [row["seconds"] for row in rows]
+    row = {"seconds": statistics.median(seconds), "min_max_seconds": [min(seconds), max(seconds)],
+           "peak_rss_mb": round(statistics.median(row["peak_rss_mb"] for row in rows))}
+    if "report" in rows[0]:
+        row["merge_seconds"] = round(statistics.median(r["report"]["seconds"] for r in rows), 1)
+        row["report"] = rows[-1]["report"]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama-7b,gptj-6b", help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--rounds", type=int, default=3, help="turns of cp and merge --no-verify (medians)")
+    parser.add_argument("--parts", default="merge,export", help="besides the rounds: merge (verified, once), export "
+                        "(q8_0, verified, once; LLaMA shapes only)")
     parser.add_argument("--layers", type=int, help="fewer decoder layers (same widths): a quick check of the script")
     parser.add_argument("--build", help=argparse.SUPPRESS)  # internal: build one shape in this process
     args = parser.parse_args()
@@ -169,11 +194,14 @@ def main() -> None:
     result = {"device": f"cpu-{os.cpu_count()}cores", "cpu": f"{platform.processor() or platform.machine()}, {cpu}",
               "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9),
               "adapter": f"r{RANK} alpha {ALPHA}, every linear layer of the decoder", "verification_rows": ROWS,
-              "repeats": 1, "shapes": {}}
+              "shapes": {}}
     for shape in args.shapes.split(","):
-        result["shapes"][shape] = run_shape(shape, shape.startswith("llama"), args.layers)
+        parts = set(args.parts.split(",")) - (set() if shape.startswith("llama") else {"export"})
+        result["shapes"][shape] = run_shape(shape, parts, args.layers, args.rounds)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"scale-cpu-{os.cpu_count()}cores{f'-{args.layers}-layers' if args.layers else ''}.json"
+    suffix = (f"-{args.layers}-layers" if args.layers else "") + ("" if args.parts == "merge,export" else
+                                                                  "-" + args.parts.replace(",", "-"))
+    path = RESULTS / f"scale-cpu-{os.cpu_count()}cores{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

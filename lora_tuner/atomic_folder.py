@@ -66,13 +66,10 @@ class AtomicFolder:
         half-written is left to block the next attempt. A disk that fills up is one line."""
         try:
             yield self.start()
-        except OSError as exc:
+        except BaseException as exc:
             self.discard()
-            if exc.errno == errno.ENOSPC:
+            if disk_full(exc):
                 raise no_space(self.final.parent, self.source, self.field) from None
-            raise
-        except BaseException:
-            self.discard()
             raise
 
     def discard(self) -> None:
@@ -89,6 +86,16 @@ class AtomicFolder:
         if retired:
             shutil.rmtree(retired)
         return self.final
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write ran out of disk: an OSError says so by errno, safetensors' writer in its message
+    ("No space left on device"), numpy's tofile as a short write ("N requested and M written") without an errno."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or (isinstance(exc, OSError) and exc.errno is None
+                                                 and "requested and" in text)
 
 
 def no_space(folder: Path, source: str, field: str):

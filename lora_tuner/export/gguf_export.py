@@ -1,6 +1,5 @@
 """`lora-tune export --format gguf`: from a run folder (merged first, exactly as `lora-tune merge` merges) or a merged
 export to one verified .gguf file, with an Ollama Modelfile beside it."""
-import errno
 import os
 import shutil
 import time
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_folder import no_space
+from ..atomic_folder import disk_full, no_space
 from ..errors import UserError, fail
 from ..run_folder import RunFolder
 from ..verify import ROWS
@@ -61,7 +60,7 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
         try:
             exporter.write(MergedWeights.of(model_folder, torch.float32, name), partial)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if disk_full(exc):
                 raise no_space(out.parent, name, "--out") from None
             raise
         verification = _verify(partial, model_folder, kind, verify_rows) if verify else None
