@@ -192,7 +192,7 @@ def export(source, target, kind, out, into, no_verify, verify_rows, force):
     v = report.verification
     if v is not None:
         rows = f"{v.rows} {'held-out' if v.held_out else 'sample'} rows"
-        click.echo(f"verified read back by transformers' GGUF loader on {rows}: top-1 agreement "
+        click.echo(f"verified by {v.judge} on {rows}: top-1 agreement "
                    f"{v.top1_agreement:.1%} with the merged model, mean KL {v.mean_kl:.2e}, tokenizer round trip "
                    f"{'ok' if v.tokenizer_round_trip else 'FAILED'}")
 
