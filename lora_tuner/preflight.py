@@ -1,17 +1,20 @@
 """What can be refused before any weight is loaded: everything transformers, peft, torch or TRL would reject at run
 time, checked against the model's config (when it is local, known or given) and the installed packages. `lora-tune
-validate` runs all of it; `lora-tune run` runs the same checks before it creates the run folder."""
+validate` runs all of it; `lora-tune run` runs the same checks before it creates the run folder.
+
+torch and transformers are imported inside the checks that need them (a local model, tokenizer or config): importing
+them takes about 3 s, and a recipe with a hub model, tokenizer and data is checked without them."""
 import importlib.util
 from pathlib import Path
 
-import torch
+from huggingface_hub import try_to_load_from_cache
 
 from .config import Recipe
 from .data.prepare import prepare_data
 from .data.reading import BUILTIN_DEMO, is_local
 from .errors import UserError, fail, show
-from .model.loading import check_base_source
-from .model.tokenizer import load_tokenizer
+from .model.source import check_base_source
+from .plan.known_configs import KNOWN, known_positions
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
@@ -24,6 +27,8 @@ def check_recipe(recipe: Recipe, source: str) -> list[str]:
     tokenizer_name = recipe.model.tokenizer or recipe.model.name_or_path
     tokenizer = None
     if tokenizer_name == "bytes" or is_local(tokenizer_name):
+        from .model.tokenizer import load_tokenizer
+
         tokenizer = load_tokenizer(recipe.model, source)
     else:
         notes.append(f"tokenizer {tokenizer_name!r} is on the hub: token lengths are checked when the run starts")
@@ -43,6 +48,8 @@ def check_environment(recipe: Recipe, source: str) -> None:
         if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
             raise fail(source, "train.report_to", f"{tracker!r} is not installed",
                        f"pip install {TRACKER_PACKAGES[tracker]}, or remove it from train.report_to")
+    if recipe.model.attn_implementation == "flash_attention_2" or recipe.train.liger is True:
+        import torch
     if recipe.model.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
             raise fail(source, "model.attn_implementation", "'flash_attention_2' needs the flash-attn package and a "
@@ -57,13 +64,20 @@ def check_environment(recipe: Recipe, source: str) -> None:
 
 def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
     """The recipe against the model's config: heads, LoRA target names, positions, vocabulary."""
+    name = recipe.model.name_or_path
+    if recipe.model.init == "pretrained" and not is_local(name):
+        if name in KNOWN and tokenizer is None and recipe.lora.target_modules == "all-linear":
+            # a bundled recipe's hub base: its public config is sound, only the recipe's length can disagree
+            _check_positions(recipe, source, known_positions(name))
+            return []
+        if name not in KNOWN and not isinstance(try_to_load_from_cache(name, "config.json", recipe.model.revision), str):
+            return [f"model {name!r} is not on this machine: its config is checked when the run starts"]
+    import torch
+
     from .model.anatomy import meta_model
     from .plan.estimate import model_config
 
-    try:
-        config = model_config(recipe, source)
-    except UserError:  # a hub model not in the cache: checked when the run loads it
-        return [f"model {recipe.model.name_or_path!r} is not on this machine: its config is checked when the run starts"]
+    config = model_config(recipe, source)
     text = config.get_text_config()
     heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
     if heads and text.hidden_size % heads:
@@ -72,15 +86,15 @@ def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
     if heads and kv_heads and heads % kv_heads:
         raise fail(source, "model.config", f"num_attention_heads {heads} is not a multiple of num_key_value_heads "
                    f"{kv_heads}", "use a num_key_value_heads that divides num_attention_heads")
-    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    if positions and recipe.data.max_length > positions:
-        raise fail(source, "data.max_length", f"{recipe.data.max_length} is longer than the model's {positions} "
-                   "positions", f"set data.max_length to at most {positions}")
+    _check_positions(recipe, source, getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None))
     if tokenizer is not None and len(tokenizer) > text.vocab_size:
         raise fail(source, "model.tokenizer", f"the tokenizer has {len(tokenizer):,} tokens, the model's embedding "
                    f"{text.vocab_size:,}", "use the model's own tokenizer, or one no larger than its vocabulary")
+    local_weights = recipe.model.init == "pretrained" and is_local(recipe.model.name_or_path)
+    if not local_weights and recipe.lora.target_modules == "all-linear":
+        return []  # nothing left that needs the model's layers (building them imports the model's code: ~2 s)
     model = meta_model(config)
-    if recipe.model.init == "pretrained" and is_local(recipe.model.name_or_path):
+    if local_weights:
         _weights_fit(model, Path(recipe.model.name_or_path), source)
     if recipe.lora.target_modules != "all-linear":
         names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -90,6 +104,12 @@ def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
             raise fail(source, "lora.target_modules", f"{show(missing)} name no linear layer of "
                        f"{type(model).__name__}", f"use all-linear or some of {sorted(names)}")
     return []
+
+
+def _check_positions(recipe: Recipe, source: str, positions: int | None) -> None:
+    if positions and recipe.data.max_length > positions:
+        raise fail(source, "data.max_length", f"{recipe.data.max_length} is longer than the model's {positions} "
+                   "positions", f"set data.max_length to at most {positions}")
 
 
 def _weights_fit(model, folder: Path, source: str) -> None:

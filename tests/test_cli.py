@@ -59,3 +59,28 @@ def test_validate_never_reaches_for_the_network(monkeypatch):
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "is not on this machine" in result.output and looked_up == []
+
+
+
+HUB_BASE = "model: {name_or_path: huggyllama/llama-7b}\noutput: {name: r}\n"
+
+
+@pytest.mark.parametrize("recipe_text,code,message", [
+    (HUB_BASE + "data: {path: tatsu-lab/alpaca}\n", 0, "ok: "),
+    (HUB_BASE + "data: {path: tatsu-lab/alpaca, max_length: 9000}\n", 2,
+     "data.max_length: 9000 is longer than the model's 2048 positions"),
+    (HUB_BASE + "data: {path: tatsu-lab/alpaca}\nlora: {rnak: 4}\n", 2, "lora.rnak: unknown key"),
+], ids=["hub-recipe-ok", "too-long-for-the-hub-base", "schema-error"])
+def test_validate_of_a_hub_recipe_imports_neither_torch_nor_transformers(tmp_path, recipe_text, code, message):
+    """Importing them costs ~3 s; a recipe whose model, tokenizer and data are on the hub needs neither to be checked,
+    and the torch-free path still catches a length the known base cannot hold."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    probe = ("import sys\nfrom lora_tuner.cli import main\ntry:\n    main(['validate', sys.argv[1]])\n"
+             "except SystemExit as exit:\n    print('exit', exit.code, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == f"exit {code} []", (done.stdout, done.stderr)
+    assert message in done.stdout + done.stderr

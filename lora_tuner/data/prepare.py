@@ -2,9 +2,7 @@
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from ..config.schema import Recipe
 from ..errors import fail
@@ -12,6 +10,10 @@ from .formats import FORMATS
 from .reading import read_rows
 from .templates import resolve
 from .tokenize import TokenizedExample, tokenize_examples
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 SHOWN_ROWS = 5  # row numbers quoted per reason; the count is always complete
 
@@ -34,8 +36,10 @@ class PreparedData:
     def dropped_summary(self) -> str:
         return dropped_summary(self.dropped, self.rows_read)
 
-    def dataset(self, split: str, train_on_inputs: bool) -> Dataset | None:
+    def dataset(self, split: str, train_on_inputs: bool) -> "Dataset | None":
         """The split as TRL's pre-tokenized rows (input_ids, labels); TRL packs them."""
+        from datasets import Dataset  # a second to import; validate prepares rows without it
+
         rows = getattr(self, split)
         if not rows:
             return None
@@ -52,7 +56,7 @@ def dropped_summary(dropped: dict[str, list[int]], rows_read: int) -> str:
     return f"{total} of {rows_read} rows unusable: " + "; ".join(parts)
 
 
-def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None, source: str) -> PreparedData:
+def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", source: str) -> PreparedData:
     """Without a tokenizer (a hub one, checked offline) lengths are left unchecked; everything else is checked."""
     data = recipe.data
     data_format = FORMATS[data.format]

@@ -4,11 +4,13 @@ SentencePiece merge spans the boundary (Alpaca's "Response:" followed by a reply
 ":-"), the end of the prompt is dropped from training. Here the prompt is always tokenized alone, and the completion
 continues it: jointly tokenized when that keeps the prompt's tokens, else tokenized on its own."""
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .formats import FORMATS, is_conversational
 from .templates import resolve
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # label of positions that are not trained (transformers' ignore_index)
 ANCHOR = "\n"  # tokenized before a standalone completion, then removed: avoids SentencePiece's dummy leading space
@@ -27,7 +29,7 @@ class TokenizedExample:
         return {"input_ids": self.prompt_ids + self.completion_ids, "labels": prompt_labels + self.completion_ids}
 
 
-def tokenize_examples(tokenizer: PreTrainedTokenizerBase, examples: list[dict]) -> list[TokenizedExample | str]:
+def tokenize_examples(tokenizer: "PreTrainedTokenizerBase", examples: list[dict]) -> list[TokenizedExample | str]:
     """One TokenizedExample per example, or the reason it cannot be trained on as inference would prompt it."""
     if not examples:
         return []
@@ -39,7 +41,7 @@ def tokenize_examples(tokenizer: PreTrainedTokenizerBase, examples: list[dict]) 
             for p, full, e in zip(prompts, fulls, examples)]
 
 
-def starts_with_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+def starts_with_bos(tokenizer: "PreTrainedTokenizerBase") -> bool:
     """Whether a plain encode (as training does) puts BOS first; the training chat template must then render it."""
     ids = tokenizer("a")["input_ids"]
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
@@ -55,7 +57,7 @@ def _continuation(tokenizer, prompt_ids: list[int], full_ids: list[int], complet
     return tokenizer(completion, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list) -> list[int]:
+def prompt_ids(tokenizer: "PreTrainedTokenizerBase", prompt: str | list) -> list[int]:
     """A prompt's token ids as training tokenized it: text with the tokenizer's special tokens (BOS), a conversation
     rendered by the chat template and tokenized without them (the template writes them itself)."""
     if isinstance(prompt, str):
@@ -74,7 +76,7 @@ def _chat(tokenizer, example: dict) -> TokenizedExample | str:
     return TokenizedExample(prompt_ids, _continuation(tokenizer, prompt_ids, full_ids, full_text[len(prompt_text):]))
 
 
-def training_chat_template(data, tokenizer: PreTrainedTokenizerBase) -> str:
+def training_chat_template(data, tokenizer: "PreTrainedTokenizerBase") -> str:
     """The chat template a run folder and its exports carry: it renders exactly what training tokenized (the
     format's prompt, the response, EOS), so tools that prompt by chat template prompt the model as it was trained.
     Chat-format runs keep the template they trained with."""

@@ -1,6 +1,3 @@
-"""Model: tokenizer, safe base loading (16-bit, 8-bit, 4-bit), LoRA attachment, the packing check."""
-from .loading import load_base
-from .lora import attach_lora, lora_config
-from .tokenizer import byte_tokenizer, load_tokenizer
-
-__all__ = ["attach_lora", "byte_tokenizer", "load_base", "load_tokenizer", "lora_config"]
+"""Model: the base's source checked without loading it (source), safe loading in 16, 8 or 4 bits (loading), tokenizers
+(tokenizer), LoRA attachment (lora), the packing check. Nothing is imported here: `validate` reads the source checks
+without importing torch."""

@@ -8,6 +8,13 @@ KNOWN = {
                                 vocab_size=50400, n_positions=2048, tie_word_embeddings=False),
 }
 
+
+def known_positions(name: str) -> int:
+    """A known base's context length, read without building its config (that imports transformers and torch)."""
+    fields = KNOWN[name]
+    return fields["max_position_embeddings"] if "max_position_embeddings" in fields else fields["n_positions"]
+
+
 # Measured on ../shared/data/alpaca_5000.json with the LLaMA tokenizer and the Alpaca template: tokens per row (prompt,
 # response, EOS) and the share of them that is response (what the loss and the LM head run on).
 KNOWN_DATA = {"tatsu-lab/alpaca": dict(rows=52002, tokens_per_row=128, response_share=0.52)}

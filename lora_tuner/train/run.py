@@ -18,9 +18,10 @@ from ..data.prepare import PreparedData, prepare_data
 from ..data.tokenize import training_chat_template
 from ..errors import UserError, fail
 from ..model.compile import compile_decoder_layers
-from ..model.loading import build_random_base, check_base_source, load_base
+from ..model.loading import build_random_base, load_base
 from ..model.lora import attach_lora
 from ..model.packing_check import packing_is_isolated
+from ..model.source import check_base_source
 from ..model.tokenizer import load_tokenizer
 from ..preflight import check_environment, check_model_fit
 from ..run_folder import RunFolder, RunManifest
