@@ -104,18 +104,27 @@ class RunFolder:
         return (self.path / self.ADAPTER_CONFIG).is_file() and (self.path / self.ADAPTER_WEIGHTS).is_file()
 
     # recipe and manifest
+    def _own(self, name: str) -> Path:
+        """A file of this run, refused when it is a link leading out of the folder (lora-tune writes none): its
+        content would be quoted in error messages, which `serve` sends to its clients."""
+        path = self.path / name
+        if path.is_symlink() and not path.resolve().is_relative_to(self.path.resolve()):
+            raise fail(str(self.path), name, "is a link to a file outside the run folder",
+                       "replace the link with the run's own file")
+        return path
+
     def recipe(self) -> Recipe:
-        return load_recipe(self.path / self.RECIPE)
+        return load_recipe(self._own(self.RECIPE))
 
     def recipe_text(self) -> str | None:
-        path = self.path / self.RECIPE
+        path = self._own(self.RECIPE)
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def write_recipe(self, recipe: Recipe) -> None:
         (self.path / self.RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
 
     def manifest(self) -> RunManifest:
-        path = self.path / self.MANIFEST
+        path = self._own(self.MANIFEST)
         try:
             return RunManifest.model_validate_json(path.read_text(encoding="utf-8"))
         except (ValidationError, ValueError) as exc:

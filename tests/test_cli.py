@@ -61,7 +61,6 @@ def test_validate_never_reaches_for_the_network(monkeypatch):
     assert "is not on this machine" in result.output and looked_up == []
 
 
-
 HUB_BASE = "model: {name_or_path: huggyllama/llama-7b}\noutput: {name: r}\n"
 
 

@@ -93,7 +93,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code
     process = start_run(out)
     wait_for_checkpoint(process, out, 10)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)  # a hang guard only
     assert process.returncode == code, stderr[-2000:]
     assert f"stopped by {signum.name}" in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert "stopping after this step" in stderr  # acknowledged at once
@@ -147,12 +147,11 @@ def test_ctrl_c_while_the_model_loads_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     process = start_run(out)
     partial = tmp_path / ".run.partial"
-    deadline = time.time() + 120
     while not partial.exists():  # the run folder is created after the data is checked, before the model loads
-        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
+        assert process.poll() is None, process.stderr.read()[-2000:]  # waits on the run, however busy the machine
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)  # often lands while the recipe and rows are written into the new folder
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)  # a hang guard only
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "Aborted" not in stderr
     assert not partial.exists() and not out.exists()
@@ -176,7 +175,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, unint
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)  # a hang guard only
     # a tiny step can finish, save and exit within those 50 ms: then the second Ctrl-C meets the interpreter's
     # shutdown, which has handed SIGINT back to the OS (-2; a shell shows 130 for both)
     assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr[-2000:]

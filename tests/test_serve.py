@@ -1,5 +1,6 @@
 """`lora-tune serve`, called the way users call it: the official OpenAI client over loopback. Every answer must equal
 AdapterPool.generate for the same adapter and prompt, whether it came alone, streamed, or batched with others."""
+import json
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 import uvicorn
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import recipe_dict, write_recipe
@@ -281,3 +283,128 @@ def test_the_command_serves_on_loopback(served):
     assert nothing.returncode == 2
     assert nothing.stderr.strip() == ("error: serve: --adapter: nothing to serve; give --adapter DIR (repeatable) "
                                       "and/or --base MODEL")
+
+
+def adapter_under_root(served, name, edit=None) -> str:
+    """An adapter folder where the server may load from (its --adapter-root), edited the way a careless or hostile
+    client would leave it."""
+    folder = served["tmp"] / "hostile" / name
+    if not folder.exists():
+        make_adapter(served["base"], folder, 3)
+        if edit:
+            edit(folder)
+    return str(folder)
+
+
+def edit_config(**changes):
+    def edit(folder):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+def nan_weights(folder):
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+
+
+def run_linked_to_a_secret(served) -> str:
+    """A run folder whose recipe.yaml is a link to a file the client wants to read through the error messages."""
+    folder = served["tmp"] / "hostile" / "linked"
+    if not folder.exists():
+        shutil.copytree(served["a"], folder)
+        secret = folder.parent / "secret.txt"
+        secret.write_text("top-secret-line: hunter2\n")
+        (folder / "recipe.yaml").unlink()
+        (folder / "recipe.yaml").symlink_to(secret)
+    return str(folder)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+COMPLETION = {"model": "a", "prompt": "hi", "max_tokens": 2}
+CHAT = {"model": "a", "max_tokens": 2}
+
+# id -> (method, path, request builder (served) -> httpx kwargs, status, error code or a fragment of the message);
+# after each, nothing new is listed and every model still answers exactly as the pool does
+SERVER_CASES = {
+    "no-key": ("GET", "/v1/models", lambda s: {}, 401, "invalid_api_key"),
+    "key-without-bearer": ("GET", "/v1/models", lambda s: {"headers": {"Authorization": KEY}}, 401, "invalid_api_key"),
+    "wrong-key": ("GET", "/v1/models", lambda s: {"headers": {"Authorization": "Bearer nope"}}, 401, "invalid_api_key"),
+    "body-too-large-before-the-key": ("POST", "/v1/completions", lambda s: {"content": b"x" * (65 * 1024)}, 413,
+                                      "body_too_large"),
+    "body-not-json": ("POST", "/v1/completions", lambda s: {"content": b"{\"model\": ", "headers": {
+        **AUTH, "Content-Type": "application/json"}}, 400, "not valid JSON"),
+    "body-without-content-type": ("POST", "/v1/completions", lambda s: {"content": json.dumps(COMPLETION).encode(),
+                                                                        "headers": AUTH}, 400, "must be a JSON object"),
+    "body-a-list": ("POST", "/v1/completions", lambda s: {"json": [COMPLETION], "headers": AUTH}, 400,
+                    "must be a JSON object"),
+    "unknown-model": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "model": "nope"}, "headers": AUTH},
+                      404, "model_not_found"),
+    "max-tokens-zero": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "max_tokens": 0}, "headers": AUTH},
+                        400, "max_tokens"),
+    "max-tokens-past-context": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "max_tokens": 10**6},
+                                                                      "headers": AUTH}, 400, "context_length_exceeded"),
+    "prompt-past-context": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "prompt": "x" * 60_000},
+                                                                  "headers": AUTH}, 400, "context_length_exceeded"),
+    "temperature-negative": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "temperature": -1},
+                                                                   "headers": AUTH}, 400, "temperature"),
+    "top-p-zero": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "top_p": 0}, "headers": AUTH}, 400,
+                   "top_p"),
+    "n-two": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "n": 2}, "headers": AUTH}, 400, "n"),
+    "prompt-a-number": ("POST", "/v1/completions", lambda s: {"json": {**COMPLETION, "prompt": 5}, "headers": AUTH},
+                        400, "prompt"),
+    "no-messages": ("POST", "/v1/chat/completions", lambda s: {"json": {**CHAT, "messages": []}, "headers": AUTH}, 400,
+                    "messages"),
+    "blank-user-message": ("POST", "/v1/chat/completions", lambda s: {"json": {**CHAT, "messages": [
+        {"role": "user", "content": "  "}]}, "headers": AUTH}, 400, "no user message"),
+    "unknown-role": ("POST", "/v1/chat/completions", lambda s: {"json": {**CHAT, "messages": [
+        {"role": "root", "content": "hi"}]}, "headers": AUTH}, 400, "role"),
+    "text-part-a-number": ("POST", "/v1/chat/completions", lambda s: {"json": {**CHAT, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}]}]}, "headers": AUTH}, 400, "messages"),
+    "image-part": ("POST", "/v1/chat/completions", lambda s: {"json": {**CHAT, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "headers": AUTH},
+        400, "only text content parts"),
+    "add-outside-the-root": ("POST", "/v1/adapters", lambda s: {"json": {"path": "/etc"}, "headers": AUTH}, 403,
+                             "path_not_allowed"),
+    "add-a-missing-folder": ("POST", "/v1/adapters", lambda s: {"json": {"path": str(s["tmp"] / "nowhere")},
+                                                                "headers": AUTH}, 400, "adapter_not_loadable"),
+    "add-under-a-served-name": ("POST", "/v1/adapters", lambda s: {"json": {"path": s["a"], "name": "b"},
+                                                                   "headers": AUTH}, 409, "adapter_exists"),
+    "add-as-the-base": ("POST", "/v1/adapters", lambda s: {"json": {"path": s["a"], "name": "base"}, "headers": AUTH},
+                        409, "adapter_exists"),
+    "add-a-name-not-an-identifier": ("POST", "/v1/adapters", lambda s: {"json": {"path": s["a"], "name": "../x"},
+                                                                        "headers": AUTH}, 400, "not a plain identifier"),
+    "add-with-unknown-fields": ("POST", "/v1/adapters", lambda s: {"json": {"path": s["a"], "trust": True},
+                                                                   "headers": AUTH}, 400, "trust"),
+    "add-nan-weights": ("POST", "/v1/adapters", lambda s: {"json": {"path": adapter_under_root(s, "nan", nan_weights)},
+                                                           "headers": AUTH}, 400, "adapter_not_loadable"),
+    "add-rank-as-text": ("POST", "/v1/adapters", lambda s: {"json": {"path": adapter_under_root(
+        s, "rank_text", edit_config(r="sixteen"))}, "headers": AUTH}, 400, "adapter_not_loadable"),
+    "add-rank-not-its-tensors": ("POST", "/v1/adapters", lambda s: {"json": {"path": adapter_under_root(
+        s, "rank_off", edit_config(r=4))}, "headers": AUTH}, 400, "adapter_not_loadable"),
+    "add-dora": ("POST", "/v1/adapters", lambda s: {"json": {"path": adapter_under_root(
+        s, "dora", edit_config(use_dora=True))}, "headers": AUTH}, 400, "use_dora"),
+    "add-recipe-linked-to-a-secret": ("POST", "/v1/adapters", lambda s: {"json": {"path": run_linked_to_a_secret(s)},
+                                                                         "headers": AUTH}, 400, "a link to a file outside"),
+    "delete-an-unknown-adapter": ("DELETE", "/v1/adapters/nope", lambda s: {"headers": AUTH}, 404, "model_not_found"),
+    "delete-the-base": ("DELETE", "/v1/adapters/base", lambda s: {"headers": AUTH}, 404, "model_not_found"),
+    "delete-without-the-key": ("DELETE", "/v1/adapters/a", lambda s: {}, 401, "invalid_api_key"),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVER_CASES))
+def test_hostile_requests_get_an_openai_error_and_change_nothing(served, case):
+    method, path, build, status, expected_text = SERVER_CASES[case]
+    url = served["url"]
+    response = httpx.request(method, url + path, **build(served))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    if expected_text:
+        assert expected_text in (error["code"] or "") or expected_text in error["message"] or \
+            expected_text == error["param"], error
+    assert "Traceback" not in response.text and "hunter2" not in response.text
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]] == ["base", "a", "b"]
+    for model in ("base", "a"):  # every model still answers as the pool does
+        assert complete(served["client"], model, PROMPTS[2], chat=False, max_tokens=4)[0] == expected(
+            served["pool"], PROMPTS[2], None if model == "base" else model, chat=False, max_tokens=4)

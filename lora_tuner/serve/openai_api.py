@@ -153,7 +153,12 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
+        if first["type"] == "json_invalid":
+            message = "the body is not valid JSON"
+        elif where is None:  # a list, a string, or a body sent without Content-Type: application/json
+            message = "the body must be a JSON object, sent with Content-Type: application/json"
+        else:
+            message = f"{where}: {first['msg']}"
         return APIError(400, message, where).response()
 
     def authorized(request: Request) -> bool:
