@@ -80,6 +80,22 @@ def drop_lora_b(folder: Path) -> None:
     save_file(tensors, folder / "adapter_model.safetensors")
 
 
+def nan_weights(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+
+
+def no_lora_keys(folder: Path) -> None:
+    save_file({"base_model.model.model.norm.weight": torch.ones(64)}, folder / "adapter_model.safetensors")
+
+
+def adapter_config(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
 def mismatched_rank(folder: Path) -> None:
     tensors = load_file(folder / "adapter_model.safetensors")
     name = next(name for name in tensors if "lora_A" in name)
@@ -267,6 +283,16 @@ CASES = {
                                                   "dequantized"), ["--into", "'dequantized' is not available"]),
     "generate-other-arch": (lambda c: ["generate", "--adapter", str(adapter_for(c.base("gptj"), c.tmp / "adapter")),
                                        "--base", c.base("llama"), "--prompt", "hi"], ["adapter", "does not have"]),
+    "generate-nan-adapter": (lambda c: ["generate", "--adapter", str(edited_adapter(c, nan_weights)), "--base",
+                                        c.base("llama"), "--prompt", "hi"], ["adapter", "NaN or infinite", "retrain"]),
+    "generate-rank-as-text": (lambda c: ["generate", "--adapter", str(edited_adapter(c, adapter_config(r="sixteen"))),
+                                         "--base", c.base("llama"), "--prompt", "hi"], ["adapter_config.json", "'sixteen'"]),
+    "chat-rank-not-its-tensors": (lambda c: ["chat", "--adapter", str(edited_adapter(c, adapter_config(r=2))), "--base",
+                                             c.base("llama")], ["adapter_config.json", "r is 2", "re-save"]),
+    "serve-dora-adapter": (lambda c: ["serve", "--adapter", str(edited_adapter(c, adapter_config(use_dora=True))),
+                                      "--base", c.base("llama"), "--port", "0"], ["adapter_config.json", "use_dora"]),
+    "serve-adapter-without-lora-keys": (lambda c: ["serve", "--adapter", str(edited_adapter(c, no_lora_keys)), "--base",
+                                                   c.base("llama"), "--port", "0"], ["adapter", "no LoRA"]),
     "generate-pickled-adapter": (lambda c: ["generate", "--adapter", str(edited_adapter(c, lambda p: (
         p / "adapter_model.safetensors").rename(p / "adapter_model.bin"))), "--base", c.base("llama"), "--prompt", "hi"],
         ["adapter", "never read"]),
