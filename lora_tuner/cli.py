@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import UserError, fail
 from .plan import DEVICE_NAMES
 
 SET_HELP = "Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable)."
@@ -163,37 +163,59 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify, verify_
 
 @main.command()
 @click.argument("source", type=click.Path(file_okay=False, exists=True))
-@click.option("--format", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True,
-              help="Export format (safetensors: use lora-tune merge).")
-@click.option("--type", "kind", type=click.Choice(["f16", "bf16", "q8_0", "q4_0"]), default="q8_0",
-              show_default=True, help="GGUF tensor type: f16/bf16 keep the merged weights, q8_0/q4_0 quantize them.")
+@click.option("--format", "target", type=click.Choice(["gguf", "gguf-lora"]), default="gguf", show_default=True,
+              help="gguf: the merged model in one file; gguf-lora: the adapter alone, applied over --base-gguf by "
+              "llama.cpp and Ollama (safetensors: use lora-tune merge).")
+@click.option("--type", "kind", type=click.Choice(["f16", "bf16", "q8_0", "q4_0"]),
+              help="GGUF tensor type: f16/bf16 keep the merged weights, q8_0/q4_0 quantize them (default q8_0; "
+              "gguf-lora writes f16).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--base-gguf", type=click.Path(dir_okay=False, exists=True),
+              help="gguf-lora: the base model's GGUF the adapter is applied over (verified against, and the "
+              "Modelfile's FROM).")
 @click.option("--into", type=click.Choice(["auto", "original", "dequantized"]), default="auto", show_default=True,
               help="For a QLoRA run folder: what the adapter is merged into (as lora-tune merge).")
-@click.option("--no-verify", is_flag=True, help="Skip reading the GGUF back and comparing it with the merged model.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the GGUF and comparing it with base + adapter.")
 @click.option("--verify-rows", type=click.IntRange(1), help="Held-out rows to verify on (default 16).")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @user_errors
-def export(source, target, kind, out, into, no_verify, verify_rows, force):
+def export(source, target, kind, out, base_gguf, into, no_verify, verify_rows, force):
     """Write SOURCE (a run folder, merged first, or a merged export) as one GGUF file for llama.cpp, Ollama and
-    GPT4All, with an Ollama Modelfile beside it.
+    GPT4All, with an Ollama Modelfile beside it; or, with --format gguf-lora, the run's adapter alone.
 
     \b
     Examples:
       lora-tune export adapters/smollm2-135m-alpaca --type q8_0 --out smollm2-alpaca.gguf
       ollama create smollm2-alpaca -f smollm2-alpaca.Modelfile
       llama-cli -m smollm2-alpaca.gguf -cnv
+    \b
+      lora-tune export BASE_FOLDER --type q8_0 --out base.gguf
+      lora-tune export adapters/smollm2-135m-alpaca --format gguf-lora --base-gguf base.gguf --out alpaca-lora.gguf
+      llama-cli -m base.gguf --lora alpaca-lora.gguf -cnv
     """
-    from .export.gguf_export import export_gguf
+    if target == "gguf-lora":
+        from .export.gguf_lora import export_gguf_lora
 
-    report = export_gguf(source, out, kind=kind, into=into, verify=not no_verify, verify_rows=verify_rows, force=force)
+        if kind not in (None, "f16"):
+            raise fail(source, "--type", f"{kind!r}: gguf-lora writes f16 (a LoRA B's rows are `rank` values long, "
+                       "shorter than a quantization block)", "leave --type out")
+        report = export_gguf_lora(source, out, base_gguf, verify=not no_verify, verify_rows=verify_rows, force=force)
+    else:
+        from .export.gguf_export import export_gguf
+
+        if base_gguf is not None:
+            raise fail(source, "--base-gguf", "is for --format gguf-lora", "add --format gguf-lora, or leave "
+                       "--base-gguf out")
+        report = export_gguf(source, out, kind=kind or "q8_0", into=into, verify=not no_verify,
+                             verify_rows=verify_rows, force=force)
     click.echo(f"exported {report.file}  ({report.type}, {report.bytes / 1e6:,.0f} MB, {report.seconds:.1f} s)")
     click.echo(f"ollama   ollama create NAME -f {report.modelfile}")
     v = report.verification
     if v is not None:
         rows = f"{v.rows} {'held-out' if v.held_out else 'sample'} rows"
+        against = "base + adapter" if report.applies_to else "the merged model"
         click.echo(f"verified by {v.judge} on {rows}: top-1 agreement "
-                   f"{v.top1_agreement:.1%} with the merged model, mean KL {v.mean_kl:.2e}, tokenizer round trip "
+                   f"{v.top1_agreement:.1%} with {against}, mean KL {v.mean_kl:.2e}, tokenizer round trip "
                    f"{'ok' if v.tokenizer_round_trip else 'FAILED'}")
 
 
@@ -376,7 +398,6 @@ def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key,
         -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
     """
     from . import sizes
-    from .errors import fail
 
     if not adapters and not base:
         raise fail("serve", "--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL")

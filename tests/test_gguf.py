@@ -1,5 +1,6 @@
 """GGUF export: a file transformers' own GGUF reader loads back to the merged model, with the training prompt."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,58 @@ def test_other_architectures_are_refused_in_one_line(tmp_path, tiny_base):
     assert result.exit_code == 2 and len(errors) == 1, result.output
     assert "GPTJForCausalLM" in errors[0] and "LLaMA-family" in errors[0] and "convert_hf_to_gguf" in errors[0]
     assert not list(tmp_path.iterdir())
+
+
+def strong_adapter(run_folder: Path, out: Path) -> Path:
+    """The run with large random LoRA weights: the adapter then moves most top-1 tokens away from the base's, so
+    an adapter GGUF applied wrongly (or over another base) cannot pass for right."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run_folder, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: torch.randn_like(v) * 0.2 for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    return out
+
+
+def reseeded_base(base: Path, out: Path) -> Path:
+    """The same architecture and tokenizer with other random weights: a base the adapter was not trained on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shutil.copytree(base, out)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_the_adapter_alone_exports_to_a_lora_gguf_llama_cpp_applies_over_the_base(bpe_run, tiny_bpe_llama, tmp_path):
+    adapter = strong_adapter(bpe_run, tmp_path / "run")
+    base_gguf = export_gguf(tiny_bpe_llama, tmp_path / "base.gguf", kind="f16", verify=False).file
+    out = tmp_path / "run-lora.gguf"
+    result = CliRunner().invoke(main, ["export", str(adapter), "--format", "gguf-lora", "--base-gguf", base_gguf,
+                                       "--out", str(out), "--verify-rows", "8"])
+    assert result.exit_code == 0, result.output[-3000:]
+    v = json.loads(out.with_suffix(".export_report.json").read_text())["verification"]
+    # llama.cpp, applying A and B over the f16 base at load time, computes what base + adapter computes in float32
+    assert v["judge"].startswith("llama.cpp") and v["top1_agreement"] >= 0.999 and v["tokenizer_round_trip"], v
+    reader = GGUFReader(out)
+    text = {key: bytes(reader.fields[key].parts[-1]).decode() for key in ("general.type", "adapter.type")}
+    assert text == {"general.type": "adapter", "adapter.type": "lora"}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert float(reader.fields["adapter.lora.alpha"].parts[-1][0]) == config["lora_alpha"]
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_down.weight.lora_b"} <= names
+    assert out.stat().st_size < Path(base_gguf).stat().st_size / 2  # the adapter, not a copy of the model
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert modelfile.splitlines()[:2] == [f"FROM {base_gguf}", f"ADAPTER ./{out.name}"]
+    assert "{{ .Prompt }}" in modelfile and "### Instruction:" in modelfile  # the training prompt
+
+    # over a base it was not trained on, llama.cpp's answers are not base + adapter's: refused, nothing put in place
+    other = export_gguf(reseeded_base(tiny_bpe_llama, tmp_path / "other"), tmp_path / "other.gguf", kind="f16",
+                        verify=False).file
+    refused = CliRunner().invoke(main, ["export", str(adapter), "--format", "gguf-lora", "--base-gguf", other,
+                                        "--out", str(tmp_path / "wrong.gguf"), "--verify-rows", "8"])
+    assert refused.exit_code == 2 and "error: " in refused.output and "of top-1 tokens" in refused.output, \
+        refused.output[-2000:]
+    assert not (tmp_path / "wrong.gguf").exists() and not list(tmp_path.glob(".wrong*"))

@@ -27,15 +27,7 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
     if not run.has_adapter and not (source / "config.json").is_file():
         raise fail(name, "SOURCE", "neither a run folder nor a merged model folder",
                    "point at adapters/<run> or at a folder written by lora-tune merge")
-    if out.is_relative_to(source.resolve()):
-        raise fail(name, "--out", f"{str(out)!r} is inside SOURCE {str(source.resolve())!r}, which this command reads",
-                   "choose an --out outside it")
-    for existing in (out, out.with_suffix(".Modelfile"), out.with_suffix(".export_report.json")):
-        if existing.exists() and not force:
-            raise fail(name, "--out", f"{str(existing)!r} already exists", "choose another --out, or pass --force "
-                       "to replace it")
-    if not out.parent.is_dir():
-        raise fail(name, "--out", f"folder {str(out.parent)!r} does not exist", "create it, or choose another --out")
+    check_out(source, out, force, name)
     if verify:
         verify_rows = verify_rows or ROWS
     _check_memory(run, source, kind, verify_rows if verify else None, name)
@@ -75,13 +67,26 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
                        f"{verification.top1_agreement:.1%} of top-1 tokens (needs {verification.min_top1:.1%})"
                        + ("" if verification.tokenizer_round_trip else " and its vocabulary encodes text differently"),
                        "try --type q8_0 or f16; the report is beside --out")
-        _write_modelfile(model_folder, out)
+        write_modelfile(model_folder, model_folder, out, [f"FROM ./{out.name}"])
         os.replace(partial, out)  # last: the .gguf appears only when complete and verified
     finally:
         partial.unlink(missing_ok=True)
         for temporary in temporaries:
             shutil.rmtree(temporary, ignore_errors=True)
     return report
+
+
+def check_out(source: Path, out: Path, force: bool, name: str) -> None:
+    """--out and the files written beside it: outside SOURCE, new unless --force, in a folder that exists."""
+    if out.is_relative_to(source.resolve()):
+        raise fail(name, "--out", f"{str(out)!r} is inside SOURCE {str(source.resolve())!r}, which this command reads",
+                   "choose an --out outside it")
+    for existing in (out, out.with_suffix(".Modelfile"), out.with_suffix(".export_report.json")):
+        if existing.exists() and not force:
+            raise fail(name, "--out", f"{str(existing)!r} already exists", "choose another --out, or pass --force "
+                       "to replace it")
+    if not out.parent.is_dir():
+        raise fail(name, "--out", f"folder {str(out.parent)!r} does not exist", "create it, or choose another --out")
 
 
 def _check_memory(run: RunFolder, source: Path, kind: str, rows: int | None, name: str) -> None:
@@ -112,19 +117,19 @@ def _verify(gguf_file: Path, model_folder: Path, kind: str, rows: int | None) ->
                        merged, model_folder, kind, checked)
 
 
-def _write_modelfile(model_folder: Path, out: Path) -> None:
-    """An Ollama Modelfile beside the GGUF: its prompt template renders the training prompt (instruction formats;
-    a chat-format model keeps the chat template inside the GGUF), and generation stops at the training EOS."""
+def write_modelfile(recipe_folder: Path, tokenizer_folder: Path, out: Path, lines: list[str]) -> None:
+    """An Ollama Modelfile beside the GGUF: `lines` (FROM, ADAPTER), then a prompt template that renders the training
+    prompt (instruction formats; a chat-format model keeps the chat template inside the GGUF) and a stop at the
+    training EOS."""
     from transformers import AutoTokenizer
 
     from ..data.formats import FORMATS
     from ..data.templates import resolve
 
-    eos = AutoTokenizer.from_pretrained(model_folder).eos_token
-    lines = [f"FROM ./{out.name}"]
-    recipe_file = model_folder / RunFolder.RECIPE
+    eos, lines = AutoTokenizer.from_pretrained(tokenizer_folder).eos_token, list(lines)
+    recipe_file = recipe_folder / RunFolder.RECIPE
     if recipe_file.is_file():
-        data = RunFolder(model_folder).recipe().data
+        data = RunFolder(recipe_folder).recipe().data
         prompt = FORMATS[data.format].prompt_for("\x00", resolve(data.template))
         if isinstance(prompt, str):  # the training prompt with the user's text where the instruction goes
             template = prompt.replace("{{", '{{ "{{" }}').replace("\x00", "{{ .Prompt }}")

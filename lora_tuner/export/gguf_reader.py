@@ -32,3 +32,28 @@ def gguf_weight_map(file: Path, config) -> WeightMap:
         return torch.from_numpy(np.array(values, dtype=np.float32))
 
     return WeightMap(list(tensors), read, tied_aliases(config))
+
+
+def model_file_type(file: Path, source: str, field: str) -> str | None:
+    """A model GGUF's type as `lora-tune export --type` names it (f16, bf16, q8_0, q4_0), None for other types (an
+    Ollama Q4_K_M, say); refused in one line when it is not a GGUF model llama.cpp's "llama" architecture reads."""
+    import gguf
+
+    from ..errors import fail
+
+    try:
+        fields = gguf.GGUFReader(file).fields
+    except (ValueError, OSError) as exc:
+        raise fail(source, field, f"{str(file)!r} is not a GGUF file ({str(exc)[:80]})",
+                   "pass a .gguf model file, e.g. one written by lora-tune export") from None
+    text = {key: bytes(fields[key].parts[-1]).decode() for key in ("general.architecture", "general.type")
+            if key in fields}
+    architecture = text.get("general.architecture")
+    if architecture != "llama" or text.get("general.type", "model") != "model":
+        raise fail(source, field, f"{str(file)!r} is not a llama-architecture GGUF model (architecture "
+                   f"{architecture!r})", "pass the GGUF of the adapter's base model")
+    if "general.file_type" not in fields:
+        return None
+    kinds = {gguf.LlamaFileType.MOSTLY_F16: "f16", gguf.LlamaFileType.MOSTLY_BF16: "bf16",
+             gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0", gguf.LlamaFileType.MOSTLY_Q4_0: "q4_0"}
+    return kinds.get(int(fields["general.file_type"].parts[-1][0]))

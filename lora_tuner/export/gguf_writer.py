@@ -59,7 +59,7 @@ class GgufExporter:
         self._tokenizer(writer)
         planned = []
         for entry in weights.entries:
-            name = self._name(entry.name)
+            name = self.tensor_name(entry.name)
             if name is None:
                 continue
             kind = self._type(name, entry.shape)
@@ -207,7 +207,7 @@ class GgufExporter:
         writer.add_add_space_prefix(prefix_space)
 
     # tensors
-    def _name(self, hf_name: str) -> str | None:
+    def tensor_name(self, hf_name: str) -> str | None:
         """The GGUF name, or None for what llama.cpp does not read (a tied head, rotary caches)."""
         if hf_name == "lm_head.weight" and self.config.get("tie_word_embeddings"):
             return None
@@ -229,12 +229,17 @@ class GgufExporter:
         block = self.gguf.GGML_QUANT_SIZES[wanted][0]
         return wanted if shape[-1] % block == 0 else types.F16
 
-    def _encode(self, tensor: torch.Tensor, name: str, kind) -> np.ndarray:
+    def rotary_layout(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """The rows of the weight (or of a LoRA B, whose rows are the weight's) named `name` in llama.cpp's order."""
         heads, kv_heads = self.config["num_attention_heads"], self.config.get("num_key_value_heads")
         if name.endswith("attn_q.weight"):
-            tensor = rotary_permute(tensor, heads)
-        elif name.endswith("attn_k.weight"):
-            tensor = rotary_permute(tensor, kv_heads or heads)
+            return rotary_permute(tensor, heads)
+        if name.endswith("attn_k.weight"):
+            return rotary_permute(tensor, kv_heads or heads)
+        return tensor
+
+    def _encode(self, tensor: torch.Tensor, name: str, kind) -> np.ndarray:
+        tensor = self.rotary_layout(tensor, name)
         if kind.name in ("F32", "F16"):  # torch converts ~8x faster than numpy's astype (vectorised, threaded)
             return tensor.to(torch.float32 if kind.name == "F32" else torch.float16).numpy()
         return self.gguf.quants.quantize(tensor.float().numpy(), kind)

@@ -83,6 +83,10 @@ class LoraDeltas:
         scale = self._alpha / (math.sqrt(rank) if self._rslora else rank)
         return (a.T, b.T, scale) if self.fan_in_fan_out else (b, a, scale)  # fan_in_fan_out: weight stored transposed
 
+    def factors(self, base_key: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(left, right, scale): the delta of the weight `base_key` is scale * left @ right, in its layout, fp32."""
+        return self._factors[base_key]
+
     @property
     def params(self) -> int:
         """The adapter's LoRA weights, counted."""

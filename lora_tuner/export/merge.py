@@ -58,7 +58,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
         verify_rows = verify_rows or ROWS
     _check_memory(base_folder, entries, deltas, verify_rows if verify else None, "dequantized" in targets.value,
                   source)
-    if verify and not any((_tokenizer_source(run, base_folder) / name).is_file() for name in VOCABULARY_FILES):
+    if verify and not any((tokenizer_source(run, base_folder) / name).is_file() for name in VOCABULARY_FILES):
         raise fail(source, "--base", f"no tokenizer files beside the adapter or in {str(base_folder)!r}, and "
                    "verification scores text", "copy the base model's tokenizer files into its folder, or pass "
                    "--no-verify")
@@ -264,11 +264,11 @@ def _copy_side_files(base_folder: Path, run: RunFolder, work: Path, out_dtype: t
     config.pop("quantization_config", None)  # the export is plain dense weights
     config["dtype"] = str(out_dtype).removeprefix("torch.")
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tokenizer_source = _tokenizer_source(run, base_folder)
+    tokenizers_from = tokenizer_source(run, base_folder)
     for name in TOKENIZER_FILES:
-        if (tokenizer_source / name).is_file():
-            shutil.copy2(tokenizer_source / name, work)
-    if run.is_run and tokenizer_source != run.path and any((work / name).is_file() for name in VOCABULARY_FILES):
+        if (tokenizers_from / name).is_file():
+            shutil.copy2(tokenizers_from / name, work)
+    if run.is_run and tokenizers_from != run.path and any((work / name).is_file() for name in VOCABULARY_FILES):
         _write_training_template(run, work)
     for name in (RunFolder.RECIPE, RunFolder.VALIDATION):  # so `lora-tune eval EXPORT` scores the run's rows
         if (run / name).is_file():
@@ -295,7 +295,7 @@ def _write_training_template(run: RunFolder, work: Path) -> None:
         (work / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
-def _tokenizer_source(run: RunFolder, base_folder: Path) -> Path:
+def tokenizer_source(run: RunFolder, base_folder: Path) -> Path:
     """The run's own tokenizer (it carries the training chat template) when it saved one, else the base's."""
     return run.path if (run / "tokenizer_config.json").is_file() else base_folder
 

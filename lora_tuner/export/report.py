@@ -26,4 +26,5 @@ class ExportReport(Record):
     seconds: float
     chat_template: bool  # the GGUF carries the training prompt as its chat template
     modelfile: str  # the Ollama Modelfile written beside it
+    applies_to: str | None = None  # --format gguf-lora: the base GGUF the adapter is applied over
     verification: GgufVerification | None

@@ -95,6 +95,15 @@ def gguf_export(shape: Shape, kind: str, verify_rows: int | None) -> Need:
     return need
 
 
+def gguf_adapter(shape: Shape, base_gguf_bytes: int, lora_params: int, verify_rows: int) -> Need:
+    """A LoRA GGUF verified in llama.cpp: it reads the whole base GGUF when it applies an adapter (no mapping) and
+    repacks its weights for the CPU, twice the file, besides the streamed reference."""
+    need = Need("gguf-lora with verification", {"imports": FLOOR, "adapter": 2 * 4 * lora_params,
+                                                "llama.cpp": 2 * base_gguf_bytes})
+    need.parts.update(verification(shape, verify_rows))
+    return need
+
+
 def loaded_model(shape: Shape, dtype_bytes: float, what: str, extra: dict[str, int] | None = None) -> Need:
     """A model held in memory (AdapterPool: eval, generate, chat, serve): its weights in the dtype they are loaded in,
     and a batch's logits."""

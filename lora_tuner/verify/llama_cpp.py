@@ -39,15 +39,16 @@ def _stderr_captured():
             os.close(saved)
 
 
-def load(file: Path, vocab_only: bool = False, context: int = 512):
-    """The file loaded as llama.cpp loads it (tensors mapped, not read); Refused with llama.cpp's reason."""
+def load(file: Path, vocab_only: bool = False, context: int = 512, lora: Path | None = None):
+    """The file loaded as llama.cpp loads it (tensors mapped, not read; read whole when a LoRA GGUF is applied over
+    it); Refused with llama.cpp's reason."""
     from llama_cpp import Llama
 
     with _stderr_captured() as log:
         try:
             return Llama(model_path=str(file), vocab_only=vocab_only, logits_all=not vocab_only, n_ctx=context,
-                         verbose=True)
-        except ValueError:
+                         lora_path=str(lora) if lora else None, verbose=True)
+        except (ValueError, RuntimeError):  # a model it refuses; an adapter it refuses
             log.seek(0)
             lines = log.read().decode(errors="replace").splitlines()
             reasons = [line.strip() for line in lines if "error" in line.lower() or "unknown" in line.lower()]

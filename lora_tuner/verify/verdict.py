@@ -140,8 +140,7 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         except llama_cpp.Refused as refused:
             raise fail(str(gguf_file), "verification", f"llama.cpp {version} refuses the file: {refused}",
                        "report this with the file's export_report.json") from None
-        round_trip = all(ours(text, add_special_tokens=False)["input_ids"] == llama_cpp.tokenize(model, text)
-                         for text in SAMPLE_TEXT + rows.texts)
+        round_trip = _tokenizes_alike(ours, model, rows)
         if small:
             judge, found = f"llama.cpp (llama-cpp-python {version})", llama_cpp.response_logits(model, rows.batches)
         else:
@@ -156,3 +155,43 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
                             max_abs_logit_diff=result.max_abs_logit_diff, tokenizer_round_trip=round_trip,
                             min_top1=GGUF_MIN_TOP1[kind],
                             passed=round_trip and result.top1_agreement >= GGUF_MIN_TOP1[kind])
+
+
+def verify_gguf_adapter(adapter_gguf: Path, base_gguf: Path, base_type: str, reference: Source, tokenizer_folder: Path,
+                        rows: Rows) -> GgufVerification:
+    """A LoRA GGUF as llama.cpp applies it over the base GGUF, against base + adapter computed in float32: llama.cpp
+    must load both, tokenize as training did, and agree at the threshold of the base file's type (its quantization is
+    part of what the user runs). Only llama.cpp reads adapter GGUFs, so without its binding there is no judge."""
+    from transformers import AutoTokenizer
+
+    from . import llama_cpp
+
+    version = llama_cpp.version()
+    if version is None:
+        raise fail(str(adapter_gguf), "verification", "only llama.cpp reads LoRA GGUFs, and llama-cpp-python is not "
+                   "installed", "pip install llama-cpp-python, or pass --no-verify")
+    want = reference_logits(reference.model(), rows.batches, desc="scoring base + adapter")
+    longest = max(len(ids) for batch in rows.batches for ids, _ in batch.examples())
+    try:
+        model = llama_cpp.load(base_gguf, context=longest + 1, lora=adapter_gguf)
+    except llama_cpp.Refused as refused:
+        raise fail(str(adapter_gguf), "verification", f"llama.cpp {version} refuses it over {str(base_gguf)!r}: "
+                   f"{refused}", "pass the GGUF of the base this adapter was trained on as --base-gguf") from None
+    round_trip = _tokenizes_alike(AutoTokenizer.from_pretrained(tokenizer_folder), model, rows)
+    found = llama_cpp.response_logits(model, rows.batches)
+    model.close()
+    result = agreement(found, want, rows.batches)
+    return GgufVerification(judge=f"llama.cpp (llama-cpp-python {version}), applied over {base_gguf.name}",
+                            rows=rows.count, held_out=rows.held_out, tokens=result.tokens,
+                            top1_agreement=result.top1_agreement, mean_kl=result.mean_kl,
+                            max_abs_logit_diff=result.max_abs_logit_diff, tokenizer_round_trip=round_trip,
+                            min_top1=GGUF_MIN_TOP1[base_type],
+                            passed=round_trip and result.top1_agreement >= GGUF_MIN_TOP1[base_type])
+
+
+def _tokenizes_alike(ours, model, rows: Rows) -> bool:
+    """llama.cpp tokenizes sample text and the rows' text to the trained tokenizer's ids."""
+    from . import llama_cpp
+
+    return all(ours(text, add_special_tokens=False)["input_ids"] == llama_cpp.tokenize(model, text)
+               for text in SAMPLE_TEXT + rows.texts)
