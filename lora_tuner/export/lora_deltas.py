@@ -55,14 +55,15 @@ class LoraDeltas:
         itself may differ by between two evaluations of the same sum. Every CHECK_STRIDE-th row of the chunk, and its
         last: a wrong row, a block written twice or a buffer two threads shared shows in them, at a sixteenth of the
         cost (checking every row cost as much as the merge itself)."""
-        picked = torch.cat([torch.arange(0, len(rows), CHECK_STRIDE), torch.tensor([len(rows) - 1])]).unique()
+        picked = torch.tensor(sorted({*range(0, len(rows), CHECK_STRIDE), len(rows) - 1}))
         base, got = rows[picked].to(torch.float32), out[picked].to(torch.float32)  # copies (fancy indexing)
         if base_key not in self.targets:
             return torch.equal(got, base.to(out.dtype).to(torch.float32))
         left, right, scale = self._factors[base_key]
         part = left[first_row + picked]
-        # terms: the size of what is summed, which bounds float32's own error when the sum nearly cancels
-        terms = base.abs().add_(part.abs() @ right.abs(), alpha=scale)
+        # terms: at least the size of what is summed, which bounds float32's own error when the sum nearly cancels;
+        # each row's largest |A| entry stands for its row (a product with |A| itself cost a fifth of the merge)
+        terms = base.abs().add_(part.abs() @ right.abs().amax(dim=1, keepdim=True), alpha=scale)
         exact = base.addmm_(part, right, alpha=scale)
         kind = torch.finfo(out.dtype)  # below its smallest normal number a dtype's spacing stops shrinking
         slack = terms.mul_((right.shape[0] + 2) * torch.finfo(torch.float32).eps).add_(

@@ -69,12 +69,19 @@ def _merge_chunk(weights: MergedWeights, entry: Entry, rows_of, start: int, stop
     scratch = _reused("scratch", max(BLOCK_ELEMENTS, entry.row_elements), torch.float32)
     out = raw.view(entry.dtype).view(rows.shape)
     weights.merge_rows(entry, rows, start, out, scratch)
-    if entry.dtype == torch.float16 and torch.isinf(out).any():
+    if entry.dtype == torch.float16 and _overflowed(out):
         raise Float16Overflow(entry.name)
     if not weights.check_rows(entry, rows, start, out):  # every chunk, before a byte of it is written
         raise MergeCheckFailed(f"rows {start}-{stop} of {entry.name!r} differ from the base + scale * B @ A by more "
                                f"than {entry.dtype} rounding; nothing was put in place: please report this")
     shards.write(entry, start * entry.row_elements * entry.dtype.itemsize, raw.numpy().data)
+
+
+def _overflowed(out: torch.Tensor) -> bool:
+    """A value rounded to infinity. aminmax, not isinf: isinf on float16 is not vectorised on CPUs and took 14x as
+    long, a sixth of a 7B merge's time."""
+    low, high = torch.aminmax(out)
+    return bool(torch.isinf(low) or torch.isinf(high))
 
 
 def _reused(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
