@@ -8,11 +8,12 @@ beside it the way a run saves it. Then, per GGUF type, each in its own process w
 - the read+write floor: a Python process without torch that reads every byte of the merged weights and writes as many
   bytes as that type's GGUF has. No exporter does less I/O.
 `python -c "import torch, transformers, gguf"` is timed too (what any exporter built on them starts with), and the f16
-export once with verification on (the default): read back by transformers' GGUF loader and compared with the merged
-model. Quantized types are not verified here: on random weights every logit is near-equal, so top-1 agreement says
-nothing (the SmolLM2 test in tests/test_real_model.py checks them on real weights).
+export once with verification on (the default). Quantized types are not verified on the random 1.1B: on random
+weights every logit is near-equal, so top-1 agreement says nothing. Their quality is measured on real weights instead:
+SmolLM2-135M (../shared, imported from its GGUF) exported in every type, each verified by llama.cpp against the model in
+float32 on 16 held-out Alpaca rows.
 
-    python benchmarks/export.py [--types f16,q8_0,q4_0] [--repeats 3]
+    python benchmarks/export.py [--types f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--repeats 3]
 """
 import argparse
 import json
@@ -29,7 +30,10 @@ from merge import MODELS, build, measure  # the same random 1.1B base and adapte
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "export"
 RESULTS = HERE / "results"
-TOKENIZER = HERE.parents[1] / "shared" / "tokenizers" / "llama"
+SHARED = HERE.parents[1] / "shared"
+TOKENIZER = SHARED / "tokenizers" / "llama"
+SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+HELD_OUT = 16
 FLOOR = """
 import sys
 size, out, sources = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -64,6 +68,34 @@ def merged_model() -> Path:
     return folder
 
 
+def smollm2_agreement(kinds: list[str]) -> dict:
+    """Per type: top-1 agreement and KL of the SmolLM2 export with the model in float32, as its verification reports
+    them (llama.cpp the judge when its binding is installed), on the last HELD_OUT Alpaca rows of ../shared."""
+    from lora_tuner.data.formats import FORMATS
+    from lora_tuner.data.templates import resolve
+    from lora_tuner.model.gguf_import import import_gguf
+
+    folder = CACHE / "smollm2"
+    if not (folder / "config.json").is_file():
+        import_gguf(SMOLLM2, folder)
+    rows = json.loads((SHARED / "data" / "alpaca_5000.json").read_text())[-HELD_OUT:]
+    with (folder / "validation.jsonl").open("w") as out:  # as a run folder keeps its held-out rows
+        for row in rows:
+            out.write(json.dumps({**FORMATS["alpaca"].to_example(row, resolve("alpaca")), "held_out": True}) + "\n")
+    found = {}
+    for kind in kinds:
+        gguf = CACHE / f"smollm2-{kind}.gguf"
+        subprocess.run(export_command(folder, kind, gguf, True) + ["--force"], capture_output=True)  # 2: below min
+        report = json.loads(gguf.with_suffix(".export_report.json").read_text())
+        v = report["verification"]
+        found[kind] = {"top1_agreement": round(v["top1_agreement"], 4), "mean_kl": round(v["mean_kl"], 5),
+                       "min_top1": v["min_top1"], "passed": v["passed"], "tokens": v["tokens"], "judge": v["judge"],
+                       "gguf_mb": round(report["bytes"] / 2**20, 1)}
+        print(f"SmolLM2 {kind}: {found[kind]}", flush=True)
+        clean(gguf)
+    return found
+
+
 def export_command(source: Path, kind: str, out: Path, verify: bool) -> list[str]:
     return [sys.executable, "-m", "lora_tuner.cli", "export", str(source), "--type", kind, "--out", str(out),
             *([] if verify else ["--no-verify"])]
@@ -76,7 +108,8 @@ def clean(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--types", default="f16,q8_0,q4_0", help="GGUF types to export, comma-separated")
+    parser.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0",
+                        help="GGUF types to export, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (medians are reported)")
     args = parser.parse_args()
     source = merged_model()
@@ -130,6 +163,7 @@ def main() -> None:
                  f"fp16, {source_mb:.0f} MB, LLaMA SentencePiece vocabulary",
         "repeats": args.repeats, "methods": rows, "by_type": by_type,
         "verification_f16": {k: verification[k] for k in ("rows", "tokens", "top1_agreement", "passed")},
+        "smollm2_verified": smollm2_agreement(kinds) if SMOLLM2.is_file() else "../shared is not here",
     }
     write_result("export", result)
 

@@ -166,9 +166,11 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify, verify_
 @click.option("--format", "target", type=click.Choice(["gguf", "gguf-lora"]), default="gguf", show_default=True,
               help="gguf: the merged model in one file; gguf-lora: the adapter alone, applied over --base-gguf by "
               "llama.cpp and Ollama (safetensors: use lora-tune merge).")
-@click.option("--type", "kind", type=click.Choice(["f16", "bf16", "q8_0", "q4_0"]),
-              help="GGUF tensor type: f16/bf16 keep the merged weights, q8_0/q4_0 quantize them (default q8_0; "
-              "gguf-lora writes f16).")
+@click.option("--type", "kind", type=click.Choice(["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q5_k",
+                                                   "q4_k"]),
+              help="GGUF tensor type: f16/bf16 keep the merged weights, the others quantize them; q4_k_m, q5_k_m "
+              "and q6_k mix types per tensor as llama-quantize does, q4_k and q5_k use one type throughout (default "
+              "q8_0; gguf-lora writes f16).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
 @click.option("--base-gguf", type=click.Path(dir_okay=False, exists=True),
               help="gguf-lora: the base model's GGUF the adapter is applied over (verified against, and the "

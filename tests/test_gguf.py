@@ -258,3 +258,40 @@ def test_the_adapter_alone_exports_to_a_lora_gguf_llama_cpp_applies_over_the_bas
     assert refused.exit_code == 2 and "error: " in refused.output and "of top-1 tokens" in refused.output, \
         refused.output[-2000:]
     assert not (tmp_path / "wrong.gguf").exists() and not list(tmp_path.glob(".wrong*"))
+
+
+def block_wide_llama(tiny_bpe_llama: Path, out: Path) -> Path:
+    """tiny_bpe_llama's tokenizer on a model whose rows are whole 256-value k-quant blocks (hidden 256, FFN 512),
+    initialised wide enough that its next-token choices are not near-ties. Its 4 heads of 32 make the attention
+    narrower than the model, as Mistral NeMo's is: llama.cpp then needs the key and value lengths written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shutil.copytree(tiny_bpe_llama, out)
+    config = AutoConfig.from_pretrained(tiny_bpe_llama)
+    config.update({"hidden_size": 256, "intermediate_size": 512, "head_dim": 32, "initializer_range": 0.08})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_a_q4_k_m_export_mixes_types_as_llama_quantize_and_loads_in_llama_cpp(tiny_bpe_llama, tmp_path):
+    """The mix and its loading; its quality is judged on real weights (test_real_model.py): on a random model every
+    4-bit type flips many near-tied top-1 tokens."""
+    from transformers import AutoTokenizer
+
+    model = block_wide_llama(tiny_bpe_llama, tmp_path / "wide")
+    export_gguf(model, tmp_path / "m.gguf", kind="q4_k_m", verify=False)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    # llama-quantize's Q4_K_M on 2 layers: the output head, and layer 1's V and FFN-down projections (the last
+    # eighth of the layers) in Q6_K; every other matrix in Q4_K; norms in F32
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert [types[f"blk.{i}.attn_v.weight"] for i in (0, 1)] == ["Q4_K", "Q6_K"]
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in (0, 1)] == ["Q4_K", "Q6_K"]
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    loaded = llama_cpp.load(tmp_path / "m.gguf", context=64)  # it refused the file before key lengths were written
+    text = "Reverse the word: apple"
+    assert llama_cpp.tokenize(loaded, text) == AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)[
+        "input_ids"]
+    loaded.close()

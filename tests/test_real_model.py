@@ -107,6 +107,20 @@ def test_the_merged_model_exports_to_a_q8_0_gguf_within_its_threshold(default_me
     assert "Below is an instruction" in bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()  # as trained
 
 
+def test_the_merged_model_exports_to_q4_k_m_as_llama_quantize_mixes_it(default_merge, tmp_path):
+    """Q4_K_M, the type Ollama and llama.cpp model cards default to, judged where users run it. SmolLM2's 576-wide
+    rows are not whole 256-value k-quant blocks, so llama.cpp's fallback (Q5_0) takes most matrices, as
+    llama-quantize's would; the 1536-wide FFN-down rows are Q4_K, or Q6_K in the layers llama.cpp gives more bits."""
+    v = export_gguf(default_merge[0], tmp_path / "q4_k_m.gguf", kind="q4_k_m", verify_rows=4).verification
+    print(f"q4_k_m: top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}, judged by {v.judge}")
+    assert v.passed and v.tokenizer_round_trip and v.top1_agreement >= v.min_top1
+    assert v.judge.startswith("llama.cpp" if llama_cpp.version() else "transformers")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "q4_k_m.gguf").tensors}
+    downs = [types[f"blk.{i}.ffn_down.weight"] for i in range(30)]
+    assert downs[:3] == ["Q6_K", "Q6_K", "Q6_K"] and downs[3:6] == ["Q4_K", "Q4_K", "Q6_K"]  # use_more_bits, 30 layers
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["token_embd.weight"] == "Q8_0"  # tied head: Q6_K's fallback
+
+
 def test_qlora_merges_into_what_it_saw_and_auto_keeps_the_better(smollm2, tmp_path):
     recipe = real_recipe(tmp_path, smollm2, max_steps=4)
     recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"mode": "4bit"})})

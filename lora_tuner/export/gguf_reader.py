@@ -35,8 +35,8 @@ def gguf_weight_map(file: Path, config) -> WeightMap:
 
 
 def model_file_type(file: Path, source: str, field: str) -> str | None:
-    """A model GGUF's type as `lora-tune export --type` names it (f16, bf16, q8_0, q4_0), None for other types (an
-    Ollama Q4_K_M, say); refused in one line when it is not a GGUF model llama.cpp's "llama" architecture reads."""
+    """A model GGUF's type as `lora-tune export --type` names it (f16, bf16, q8_0, q6_k, ...), None for other types
+    (an Ollama Q3_K_S, say); refused in one line when it is not a GGUF model llama.cpp's "llama" architecture reads."""
     import gguf
 
     from ..errors import fail
@@ -55,5 +55,7 @@ def model_file_type(file: Path, source: str, field: str) -> str | None:
     if "general.file_type" not in fields:
         return None
     kinds = {gguf.LlamaFileType.MOSTLY_F16: "f16", gguf.LlamaFileType.MOSTLY_BF16: "bf16",
-             gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0", gguf.LlamaFileType.MOSTLY_Q4_0: "q4_0"}
+             gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0", gguf.LlamaFileType.MOSTLY_Q4_0: "q4_0",
+             gguf.LlamaFileType.MOSTLY_Q6_K: "q6_k", gguf.LlamaFileType.MOSTLY_Q5_K_M: "q5_k_m",
+             gguf.LlamaFileType.MOSTLY_Q4_K_M: "q4_k_m"}
     return kinds.get(int(fields["general.file_type"].parts[-1][0]))

@@ -13,10 +13,18 @@ import numpy as np
 import torch
 
 from ..errors import fail
+from . import kquants
 from .weights import MergedWeights
 
-TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
-FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+# --type -> the type of the weight matrices; a k-quant mix (_m) moves some to Q6_K as llama-quantize does (_k_type)
+TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K",
+         "q6_k": "Q6_K", "q4_k": "Q4_K", "q5_k": "Q5_K"}
+FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+              "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K",
+              "q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M"}  # plain: llama-quantize --pure Q4_K_M / Q5_K_M
+MIXES = ("q4_k_m", "q5_k_m", "q6_k")  # llama-quantize's per-tensor rules apply (llama-quant.cpp)
+# A k-quant's rows are whole 256-value blocks; llama.cpp falls back to these for rows that are not (tensor_type_fallback)
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # LLaMA 1/2/3, Mistral, SmolLM: llama.cpp's "llama"
 SENSITIVE = ("token_embd.weight", "output.weight")  # kept at q8_0 in a q4_0 file
 # tokenizer.ggml.pre names the regular expressions llama.cpp splits text with before BPE (llama-vocab.cpp); a name it
@@ -89,6 +97,9 @@ class GgufExporter:
         writer.add_feed_forward_length(c["intermediate_size"])
         writer.add_head_count(heads)
         writer.add_head_count_kv(c.get("num_key_value_heads") or heads)
+        if head_dim != c["hidden_size"] // heads:  # attention narrower or wider than the model (Mistral NeMo)
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
         if rope.get("rope_type") == "linear":
@@ -220,14 +231,35 @@ class GgufExporter:
         return name
 
     def _type(self, name: str, shape: list[int]):
-        """F32 for 1-D tensors, else the requested type (q8_0 for the sensitive ones in q4_0); a row that is not a
-        whole number of quantization blocks stays F16, as llama.cpp does."""
+        """F32 for 1-D tensors, else the requested type (q8_0 for the sensitive ones in q4_0, llama-quantize's choices
+        in a k-quant mix); a row that is not a whole number of quantization blocks falls back as llama.cpp does."""
         types = self.gguf.GGMLQuantizationType
         if len(shape) < 2:
             return types.F32
-        wanted = types.Q8_0 if self.kind == "q4_0" and name in SENSITIVE else getattr(types, TYPES[self.kind])
+        if TYPES[self.kind] in K_FALLBACK:
+            wanted = getattr(types, self._k_type(name, shape[-1]))
+            if wanted.name in K_FALLBACK and shape[-1] % kquants.QK_K:
+                wanted = getattr(types, K_FALLBACK[wanted.name])
+        else:
+            wanted = types.Q8_0 if self.kind == "q4_0" and name in SENSITIVE else getattr(types, TYPES[self.kind])
         block = self.gguf.GGML_QUANT_SIZES[wanted][0]
         return wanted if shape[-1] % block == 0 else types.F16
+
+    def _k_type(self, name: str, row: int) -> str:
+        """llama-quantize's type for one tensor of a LLaMA model (llama_tensor_get_type_impl, no importance matrix): in
+        the mixes, the output head (or the tied embedding that serves as one) in Q6_K (Q8_0 when its rows are not
+        whole blocks), and in Q4_K_M / Q5_K_M the V projections and FFN down projections of the layers
+        `_more_bits` picks in Q6_K."""
+        default = TYPES[self.kind]
+        if self.kind not in MIXES:
+            return default
+        head = name == "output.weight" or (name == "token_embd.weight" and self.config.get("tie_word_embeddings"))
+        if head:
+            return "Q8_0" if row % 256 else "Q6_K"
+        if name.endswith(("attn_v.weight", "ffn_down.weight")) and self.kind != "q6_k":
+            layer = int(name.split(".")[1])
+            return "Q6_K" if _more_bits(layer, self.config["num_hidden_layers"]) else default
+        return default
 
     def rotary_layout(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The rows of the weight (or of a LoRA B, whose rows are the weight's) named `name` in llama.cpp's order."""
@@ -242,6 +274,8 @@ class GgufExporter:
         tensor = self.rotary_layout(tensor, name)
         if kind.name in ("F32", "F16"):  # torch converts ~8x faster than numpy's astype (vectorised, threaded)
             return tensor.to(torch.float32 if kind.name == "F32" else torch.float16).numpy()
+        if kind.name in kquants.BYTES:
+            return kquants.quantize(tensor.float().numpy(), kind.name, threads=torch.get_num_threads())
         return self.gguf.quants.quantize(tensor.float().numpy(), kind)
 
 
@@ -265,6 +299,11 @@ def rotary_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     interleaved: within each head, rows (i, i + d/2) become rows (2i, 2i + 1)."""
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
 def _is_byte_token(token: str) -> bool:

@@ -18,7 +18,8 @@ from ..verify import LLAMA_CPP_LOGITS_MAX_BYTES, MAX_LENGTH
 FLOOR = 500 * 2**20  # python with torch, transformers, peft and accelerate imported: 470 MB measured
 BYTES_PER_WEIGHT = {"4bit": 0.6, "8bit": 1.1}  # a quantized base in memory, its norms and embeddings included
 ENVIRONMENT = "LORA_TUNE_MEMORY"
-GGUF_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+GGUF_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q6_k": 210 / 256,
+                         "q5_k_m": 186 / 256, "q4_k_m": 156 / 256, "q5_k": 176 / 256, "q4_k": 144 / 256}  # _m: ~6% Q6_K
 
 
 @dataclass
