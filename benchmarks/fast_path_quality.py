@@ -1,7 +1,8 @@
 """Quality is not the price of speed: the same recipe on the real SmolLM2-135M weights trained twice, once with every
-fast-path switch on (bf16 compute where the CPU has it, response-only loss, packed SDPA) and once plain (fp32, the
-model's own loss, transformers' SDPA), from the same seed on the same rows; the held-out response loss of the two
-adapters must agree within 2% (tests/test_fast_path.py checks the same on the tiny shape).
+fast-path switch on (bf16 compute where the CPU has it, response-only loss, packed SDPA, lora-tune's LoRA layer) and
+once plain (fp32, the model's own loss, transformers' SDPA, peft's LoRA layer), from the same seed on the same rows;
+the held-out response loss of the two adapters must agree within 2% (tests/test_fast_path.py: the same on the tiny
+shape).
 
     python benchmarks/fast_path_quality.py              # 40 steps each, ~15 minutes on 2 cores
 """
@@ -19,8 +20,8 @@ from lora_tuner.config.bundled import recipe_file
 TOLERANCE = 0.02
 SWITCHES = {
     "fast path (recipe defaults)": {},
-    "plain fp32 (model's own loss, SDPA)": {"model": {"dtype": "float32", "attn_implementation": "sdpa"},
-                                            "train": {"response_loss": False}},
+    "plain fp32 (model's own loss, SDPA, peft's layer)": {"model": {"dtype": "float32", "attn_implementation": "sdpa"},
+                                                          "train": {"response_loss": False, "fused_lora": False}},
 }
 
 

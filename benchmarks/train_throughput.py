@@ -12,6 +12,8 @@ every plain-stack contender and keeps the faster; lora-tune runs as its `dtype: 
     python benchmarks/train_throughput.py --shape tiny            # tiny LLaMA shape, random weights, 32k vocab
     python benchmarks/train_throughput.py --shape smollm2         # real SmolLM2-135M weights (../shared)
     python benchmarks/train_throughput.py --shape tiny --ablation # lora-tune with each fast-path switch off in turn
+    python benchmarks/train_throughput.py --shape smollm2 --ablation --only "all on (recipe defaults);peft's LoRA \
+layer instead of lora-tune's"                                   # some rows only (written to ...-part.json)
 """
 import argparse
 import json
@@ -52,12 +54,14 @@ CONTENDERS = {
 ABLATION = {
     "all on (recipe defaults)": {},
     "response loss off (TRL's loss path)": {"train": {"response_loss": False}},
+    "peft's LoRA layer instead of lora-tune's": {"train": {"fused_lora": False}},
     "fp32 instead of bf16": {"model": {"dtype": "float32"}},
     "transformers' SDPA instead of packed SDPA": {"model": {"attn_implementation": "sdpa"}},
     "packing off": {"data": {"packing": False}},
     "torch.compile on": {"train": {"compile": True}},
-    "all off (TRL's loss, fp32, SDPA, no packing)": {
-        "train": {"response_loss": False}, "model": {"dtype": "float32", "attn_implementation": "sdpa"},
+    "all off (TRL's loss, peft's layer, fp32, SDPA, no packing)": {
+        "train": {"response_loss": False, "fused_lora": False},
+        "model": {"dtype": "float32", "attn_implementation": "sdpa"},
         "data": {"packing": False}},
 }
 
@@ -250,9 +254,10 @@ def contest(args) -> dict:
 
 
 def ablation(args) -> dict:
-    runs = {name: [] for name in ABLATION}
+    rows = {name: ABLATION[name] for name in (args.only.split(";") if args.only else ABLATION)}
+    runs = {name: [] for name in rows}
     for round_number in range(args.rounds):
-        for name, overrides in ABLATION.items():
+        for name, overrides in rows.items():
             runs[name].append(measure(args, "lora-tune", "auto", overrides))
             print(f"round {round_number + 1} {name}: {runs[name][-1]['tokens_per_cpu_s']:,.0f} tokens/CPU-s", flush=True)
     return {"runs": runs}
@@ -294,7 +299,8 @@ def report(args, found: dict) -> None:
         print(f"fastest contender: {best}; speedup_vs_best {result['speedup_vs_best']:.2f}, "
               f"rss_vs_best {result['rss_vs_best']:.2f}")
     kind = "ablation" if args.ablation else "contest"
-    out = HERE / "results" / f"train-{kind}-{device.replace(' ', '_')}-{args.shape}.json"
+    part = "-part" if args.ablation and args.only else ""
+    out = HERE / "results" / f"train-{kind}-{device.replace(' ', '_')}-{args.shape}{part}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {out}")
 
@@ -308,6 +314,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000, help="Alpaca rows read")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--only", help="ablation rows to run, ';'-separated names (default: all)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)

@@ -41,11 +41,12 @@ def test_response_loss_has_the_models_loss_and_gradients(tmp_path, tiny_base, al
 
 @pytest.mark.slow
 def test_fast_path_reaches_the_held_out_loss_of_a_plain_fp32_run(tmp_path):
-    """The demo recipe with every fast-path switch on (bf16 where the CPU has it, response loss, packed SDPA)
-    against the same recipe in fp32 with the model's own loss and transformers' SDPA: within 2% of held-out loss."""
+    """The demo recipe with every fast-path switch on (bf16 where the CPU has it, response loss, packed SDPA,
+    lora-tune's LoRA layer) against the same recipe in fp32 with the model's own loss, transformers' SDPA and peft's
+    layer: within 2% of held-out loss."""
     common = ["--set", "train.max_steps=100", "--set", "train.save_steps=1000", "--set", "train.eval_steps=1000"]
     plain = ["--set", "model.dtype=float32", "--set", "train.response_loss=false",
-             "--set", "model.attn_implementation=sdpa"]
+             "--set", "model.attn_implementation=sdpa", "--set", "train.fused_lora=false"]
     fast = ["--set", "model.dtype=auto"]
     for name, extra in (("fast", fast), ("plain", plain)):
         result = CliRunner().invoke(main, ["run", "demo-tiny-cpu", "--output", str(tmp_path / name), *common, *extra])
@@ -54,5 +55,7 @@ def test_fast_path_reaches_the_held_out_loss_of_a_plain_fp32_run(tmp_path):
     print("fast path:", fast_run.fast_path, fast_run.loss.eval_start, "->", fast_run.loss.eval, "plain:", plain_run.loss.eval)
     assert any("response loss on" in note for note in fast_run.fast_path)
     assert any("response loss off" in note for note in plain_run.fast_path)
+    assert "fused LoRA layers on (auto: 16-bit base)" in fast_run.fast_path
+    assert "fused LoRA layers off (recipe)" in plain_run.fast_path
     assert fast_run.loss.eval < 0.6 * fast_run.loss.eval_start  # both really trained
     assert abs(fast_run.loss.eval - plain_run.loss.eval) / plain_run.loss.eval < 0.02

@@ -139,6 +139,10 @@ class TrainSection(Section):
     response_loss: Union[Literal["auto"], bool] = Field(
         "auto", description="Run the LM head on response tokens only, in chunks (no full logits; token accuracy from "
         "the same pass); auto: on when it equals the model's own loss, checked at start.")
+    fused_lora: Union[Literal["auto"], bool] = Field(
+        "auto", description="lora-tune's own LoRA layer while training (activations in the compute dtype, scaling and "
+        "residual in one addmm, no frozen-weight gradient); auto: on for 16/32-bit bases, off for 4/8-bit ones "
+        "(peft's bitsandbytes layers). Adapters are saved as peft saves them either way.")
     compile: Union[Literal["auto"], bool] = Field(
         "auto", description="torch.compile each decoder layer; auto: off (measured on CPU: no faster per step, "
         "a minute to compile; not measured on GPUs yet).")

@@ -46,6 +46,13 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
     compiled = train.compile is True
     notes.append(f"torch.compile {'on' if compiled else 'off'} (" + ("recipe" if train.compile != "auto" else
                  "auto: on CPU it is no faster per step and takes a minute to compile; unmeasured on GPUs") + ")")
+    fused = train.fused_lora
+    if fused == "auto":
+        fused = recipe.quantization.mode == "none"
+        notes.append(f"fused LoRA layers {'on' if fused else 'off'} (auto: "
+                     + ("16-bit base" if fused else "peft's 4/8-bit bitsandbytes layers") + ")")
+    else:
+        notes.append(f"fused LoRA layers {'on' if fused else 'off'} (recipe)")
     liger = train.liger
     if liger == "auto":
         installed = importlib.util.find_spec("liger_kernel") is not None
@@ -54,4 +61,5 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
         notes.append(f"liger kernels {'on' if liger else 'off'} (auto: {why})")
     else:
         notes.append(f"liger kernels {'on' if liger else 'off'} (recipe)")
-    return recipe.model_copy(update={"train": train.model_copy(update={"liger": liger, "compile": compiled})}), notes
+    return recipe.model_copy(update={"train": train.model_copy(update={
+        "liger": liger, "compile": compiled, "fused_lora": fused})}), notes

@@ -1,6 +1,7 @@
 """`lora-tune run`: recipe -> checked data -> base model + LoRA -> trainer -> a complete run folder."""
 import json
 import signal
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from ..errors import UserError, fail
 from ..model.compile import compile_decoder_layers
 from ..model.loading import build_random_base, load_base
 from ..model.lora import attach_lora
+from ..model.lora_function import fused_lora_layers
 from ..model.packing_check import packing_is_isolated
 from ..model.source import check_base_source
 from ..model.tokenizer import load_tokenizer
@@ -143,7 +145,8 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
         trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
         set_peft_model_state_dict(model, load_file(str(checkpoint / RunFolder.ADAPTER_WEIGHTS)))
     else:
-        with StopOnSignal() as stop, disk_full_is_a_user_error(work, source):
+        with StopOnSignal() as stop, disk_full_is_a_user_error(work, source), \
+                fused_lora_layers(model) if recipe.train.fused_lora else nullcontext():
             trainer.add_callback(stop)
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if stop.received is not None:
