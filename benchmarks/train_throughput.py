@@ -55,6 +55,7 @@ ABLATION = {
     "all on (recipe defaults)": {},
     "response loss off (TRL's loss path)": {"train": {"response_loss": False}},
     "peft's LoRA layer instead of lora-tune's": {"train": {"fused_lora": False}},
+    "LoRA dropout 0 (no masks to draw)": {"lora": {"dropout": 0.0}},
     "fp32 instead of bf16": {"model": {"dtype": "float32"}},
     "transformers' SDPA instead of packed SDPA": {"model": {"attn_implementation": "sdpa"}},
     "packing off": {"data": {"packing": False}},
