@@ -14,7 +14,7 @@ from .data.prepare import prepare_data
 from .data.reading import BUILTIN_DEMO, is_local
 from .errors import UserError, fail, show
 from .model.source import check_base_source
-from .plan.known_configs import KNOWN, known_positions
+from .plan.known_configs import KNOWN, KNOWN_LINEARS, known_positions
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
@@ -66,14 +66,14 @@ def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
     """The recipe against the model's config: heads, LoRA target names, positions, vocabulary."""
     name = recipe.model.name_or_path
     if recipe.model.init == "pretrained" and not is_local(name):
-        if name in KNOWN and tokenizer is None and recipe.lora.target_modules == "all-linear":
-            # a bundled recipe's hub base: its public config is sound, only the recipe's length can disagree
+        if name in KNOWN and tokenizer is None:
+            # a bundled recipe's hub base: its public config is sound; only the recipe's length and target names can
+            # disagree with it, and both are known without building it (KNOWN_LINEARS is tested against transformers)
             _check_positions(recipe, source, known_positions(name))
+            _check_targets(recipe, source, set(KNOWN_LINEARS[name]), name)
             return []
         if name not in KNOWN and not isinstance(try_to_load_from_cache(name, "config.json", recipe.model.revision), str):
             return [f"model {name!r} is not on this machine: its config is checked when the run starts"]
-    import torch
-
     from .model.anatomy import meta_model
     from .plan.estimate import model_config
 
@@ -96,14 +96,25 @@ def check_model_fit(recipe: Recipe, source: str, tokenizer) -> list[str]:
     model = meta_model(config)
     if local_weights:
         _weights_fit(model, Path(recipe.model.name_or_path), source)
-    if recipe.lora.target_modules != "all-linear":
-        names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)) or type(module).__name__ == "Conv1D"}
-        missing = [t for t in recipe.lora.target_modules if t.rsplit(".", 1)[-1] not in names]
-        if missing:
-            raise fail(source, "lora.target_modules", f"{show(missing)} name no linear layer of "
-                       f"{type(model).__name__}", f"use all-linear or some of {sorted(names)}")
+    _check_targets(recipe, source, linear_names(model), type(model).__name__)
     return []
+
+
+def linear_names(model) -> set[str]:
+    """The last part of the name of every linear layer, as lora.target_modules names them (q_proj, fc_in, ...)."""
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)) or type(module).__name__ == "Conv1D"}
+
+
+def _check_targets(recipe: Recipe, source: str, names: set[str], model_name: str) -> None:
+    if recipe.lora.target_modules == "all-linear":
+        return
+    missing = [t for t in recipe.lora.target_modules if t.rsplit(".", 1)[-1] not in names]
+    if missing:
+        raise fail(source, "lora.target_modules", f"{show(missing)} name no linear layer of {model_name}",
+                   f"use all-linear or some of {sorted(names)}")
 
 
 def _check_positions(recipe: Recipe, source: str, positions: int | None) -> None:

@@ -69,7 +69,10 @@ HUB_BASE = "model: {name_or_path: huggyllama/llama-7b}\noutput: {name: r}\n"
     (HUB_BASE + "data: {path: tatsu-lab/alpaca, max_length: 9000}\n", 2,
      "data.max_length: 9000 is longer than the model's 2048 positions"),
     (HUB_BASE + "data: {path: tatsu-lab/alpaca}\nlora: {rnak: 4}\n", 2, "lora.rnak: unknown key"),
-], ids=["hub-recipe-ok", "too-long-for-the-hub-base", "schema-error"])
+    (HUB_BASE + "data: {path: tatsu-lab/alpaca}\nlora: {target_modules: [q_proj, v_prj]}\n", 2,
+     "lora.target_modules: ['v_prj'] name no linear layer of huggyllama/llama-7b"),
+    (HUB_BASE + "data: {path: tatsu-lab/alpaca}\nlora: {target_modules: [q_proj, v_proj]}\n", 0, "ok: "),
+], ids=["hub-recipe-ok", "too-long-for-the-hub-base", "schema-error", "mistyped-target", "target-list-ok"])
 def test_validate_of_a_hub_recipe_imports_neither_torch_nor_transformers(tmp_path, recipe_text, code, message):
     """Importing them costs ~3 s; a recipe whose model, tokenizer and data are on the hub needs neither to be checked,
     and the torch-free path still catches a length the known base cannot hold."""

@@ -101,3 +101,15 @@ def test_auto_batch_is_the_largest_that_fits():
     roomy, tight = make_plan(recipe, "test", "a100-80"), make_plan(recipe, "test", "rtx4090")
     assert not roomy.checkpointing and roomy.batch_size >= 4  # room to spare: no recomputation
     assert tight.checkpointing  # 16-bit 7B on 24 GB: only with checkpointing
+
+
+@pytest.mark.parametrize("name", ["huggyllama/llama-7b", "EleutherAI/gpt-j-6b"])
+def test_the_known_bases_linear_names_are_the_ones_transformers_builds(name):
+    """validate checks a bundled recipe's lora.target_modules against this table without building the model."""
+    from transformers import AutoConfig
+
+    from lora_tuner.model.anatomy import meta_model
+    from lora_tuner.plan.known_configs import KNOWN, KNOWN_LINEARS
+    from lora_tuner.preflight import linear_names
+
+    assert set(KNOWN_LINEARS[name]) == linear_names(meta_model(AutoConfig.for_model(**KNOWN[name])))

@@ -8,6 +8,13 @@ KNOWN = {
                                 vocab_size=50400, n_positions=2048, tie_word_embeddings=False),
 }
 
+# Their linear layers' names (what lora.target_modules may name), so a bundled recipe is validated without importing
+# transformers to build the model (tests/test_plan.py checks them against the models transformers builds).
+KNOWN_LINEARS = {
+    "huggyllama/llama-7b": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"),
+    "EleutherAI/gpt-j-6b": ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out", "lm_head"),
+}
+
 
 def known_positions(name: str) -> int:
     """A known base's context length, read without building its config (that imports transformers and torch)."""
