@@ -237,15 +237,16 @@ def measure(args, contender: str, dtype: str, overrides: dict | None = None) -> 
 
 def contest(args) -> dict:
     dtypes = {}
-    for name, (_, tried) in CONTENDERS.items():  # calibration: each plain stack in its faster dtype
+    chosen = {name: CONTENDERS[name] for name in (args.contenders.split(",") if args.contenders else CONTENDERS)}
+    for name, (_, tried) in chosen.items():  # calibration: each plain stack in its faster dtype
         if len(tried) == 1:
             dtypes[name] = {"chosen": tried[0]}
             continue
         trial = {dtype: measure(args, name, dtype)["tokens_per_cpu_s"] for dtype in tried}
         dtypes[name] = {"chosen": max(trial, key=trial.get), "calibration_tokens_per_cpu_s": trial}
         print(f"calibration {name}: " + ", ".join(f"{d} {v:,.0f}" for d, v in trial.items()), flush=True)
-    runs = {name: [] for name in CONTENDERS}
-    names = list(CONTENDERS)
+    runs = {name: [] for name in chosen}
+    names = list(chosen)
     for round_number in range(args.rounds):
         order = names[round_number % len(names):] + names[:round_number % len(names)]  # rotate who goes first
         for name in order:
@@ -296,11 +297,11 @@ def report(args, found: dict) -> None:
             fastest_contender=best,
             speedup_vs_best=ours["tokens_per_cpu_s"]["median"] / others[best]["tokens_per_cpu_s"]["median"],
             rss_vs_best=ours["peak_rss_gb"]["median"] / others[best]["peak_rss_gb"]["median"],
-            contenders={name: what for name, (what, _) in CONTENDERS.items()})
+            contenders={name: CONTENDERS[name][0] for name in table})
         print(f"fastest contender: {best}; speedup_vs_best {result['speedup_vs_best']:.2f}, "
               f"rss_vs_best {result['rss_vs_best']:.2f}")
     kind = "ablation" if args.ablation else "contest"
-    part = "-part" if args.ablation and args.only else ""
+    part = "-part" if (args.ablation and args.only) or (not args.ablation and args.contenders) else ""
     out = HERE / "results" / f"train-{kind}-{device.replace(' ', '_')}-{args.shape}{part}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {out}")
@@ -316,6 +317,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--only", help="ablation rows to run, ';'-separated names (default: all)")
+    parser.add_argument("--contenders",
+                        help="contest: these contenders only, comma-separated, lora-tune among them (default: all)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
