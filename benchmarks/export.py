@@ -14,6 +14,7 @@ SmolLM2-135M (../shared, imported from its GGUF) exported in every type, each ve
 float32 on 16 held-out Alpaca rows.
 
     python benchmarks/export.py [--types f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--repeats 3]
+    python benchmarks/export.py --smollm2-only --types bf16,q5_k,q4_k      # SmolLM2 in llama.cpp only
 """
 import argparse
 import json
@@ -111,7 +112,15 @@ def main() -> None:
     parser.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0",
                         help="GGUF types to export, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (medians are reported)")
+    parser.add_argument("--smollm2-only", action="store_true", help="only the SmolLM2 part, for --types "
+                        "(results/export-smollm2-cpu-Ncores.json)")
     args = parser.parse_args()
+    if args.smollm2_only:
+        found = {"device": f"cpu-{os.cpu_count()}cores", "smollm2_verified": smollm2_agreement(args.types.split(","))}
+        path = RESULTS / f"export-smollm2-cpu-{os.cpu_count()}cores.json"
+        path.write_text(json.dumps(found, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     source = merged_model()
     shards = sorted(source.glob("*.safetensors"))
     source_mb = sum(p.stat().st_size for p in shards) / 2**20
