@@ -74,7 +74,7 @@ def _write(exporter: GgufExporter, deltas: LoraDeltas, path: Path, source: str) 
     import gguf
 
     keys = sorted(deltas.targets)
-    left, right, scale = deltas.factors(keys[0])
+    _, right, scale = deltas.factors(keys[0])
     alpha = scale * right.shape[0]  # llama.cpp's scale is alpha / rank
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -54,8 +54,9 @@ def model_file_type(file: Path, source: str, field: str) -> str | None:
                    f"{architecture!r})", "pass the GGUF of the adapter's base model")
     if "general.file_type" not in fields:
         return None
-    kinds = {gguf.LlamaFileType.MOSTLY_F16: "f16", gguf.LlamaFileType.MOSTLY_BF16: "bf16",
-             gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0", gguf.LlamaFileType.MOSTLY_Q4_0: "q4_0",
-             gguf.LlamaFileType.MOSTLY_Q6_K: "q6_k", gguf.LlamaFileType.MOSTLY_Q5_K_M: "q5_k_m",
-             gguf.LlamaFileType.MOSTLY_Q4_K_M: "q4_k_m"}
+    from .gguf_writer import FILE_TYPES
+
+    kinds: dict[int, str] = {}
+    for kind, file_type in FILE_TYPES.items():  # the mixes come before the pure types that share their file type
+        kinds.setdefault(int(getattr(gguf.LlamaFileType, file_type)), kind)
     return kinds.get(int(fields["general.file_type"].parts[-1][0]))

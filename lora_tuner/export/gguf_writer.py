@@ -255,7 +255,7 @@ class GgufExporter:
             return default
         head = name == "output.weight" or (name == "token_embd.weight" and self.config.get("tie_word_embeddings"))
         if head:
-            return "Q8_0" if row % 256 else "Q6_K"
+            return "Q8_0" if row % kquants.QK_K else "Q6_K"
         if name.endswith(("attn_v.weight", "ffn_down.weight")) and self.kind != "q6_k":
             layer = int(name.split(".")[1])
             return "Q6_K" if _more_bits(layer, self.config["num_hidden_layers"]) else default

@@ -34,10 +34,6 @@ def quantize(values: np.ndarray, kind: str, threads: int = 2) -> np.ndarray:
     return out.reshape(*values.shape[:-1], values.shape[-1] // QK_K * BYTES[kind])
 
 
-def _fp16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).view(np.uint8).reshape(len(x), 2)
-
-
 def _first_largest(x: np.ndarray) -> np.ndarray:
     """Per column, the value of largest magnitude, the first one on ties (llama.cpp keeps it with a strict '>')."""
     return np.take_along_axis(x, np.abs(x).argmax(axis=0)[None], axis=0)[0]

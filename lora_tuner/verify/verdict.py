@@ -141,9 +141,8 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         judge, found = "transformers' GGUF reader (llama-cpp-python is not installed)", None
     else:
         small = gguf_file.stat().st_size <= LLAMA_CPP_LOGITS_MAX_BYTES
-        longest = max(len(ids) for batch in rows.batches for ids, _ in batch.examples())
         try:
-            model = llama_cpp.load(gguf_file, vocab_only=not small, context=longest + 1)
+            model = llama_cpp.load(gguf_file, vocab_only=not small, context=_context(rows))
         except llama_cpp.Refused as refused:
             raise fail(str(gguf_file), "verification", f"llama.cpp {version} refuses the file: {refused}",
                        "report this with the file's export_report.json") from None
@@ -156,12 +155,7 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         model.close()
     if found is None:
         found = reference_logits(gguf.model(), rows.batches, desc="verifying the gguf")
-    result = agreement(found, want, rows.batches)
-    return GgufVerification(judge=judge, rows=rows.count, held_out=rows.held_out, tokens=result.tokens,
-                            top1_agreement=result.top1_agreement, mean_kl=result.mean_kl,
-                            max_abs_logit_diff=result.max_abs_logit_diff, tokenizer_round_trip=round_trip,
-                            min_top1=GGUF_MIN_TOP1[kind],
-                            passed=round_trip and result.top1_agreement >= GGUF_MIN_TOP1[kind])
+    return _gguf_verdict(judge, found, want, rows, kind, round_trip)
 
 
 def verify_gguf_adapter(adapter_gguf: Path, base_gguf: Path, base_type: str, reference: Source, tokenizer_folder: Path,
@@ -178,22 +172,30 @@ def verify_gguf_adapter(adapter_gguf: Path, base_gguf: Path, base_type: str, ref
         raise fail(str(adapter_gguf), "verification", "only llama.cpp reads LoRA GGUFs, and llama-cpp-python is not "
                    "installed", "pip install llama-cpp-python, or pass --no-verify")
     want = reference_logits(reference.model(), rows.batches, desc="scoring base + adapter")
-    longest = max(len(ids) for batch in rows.batches for ids, _ in batch.examples())
     try:
-        model = llama_cpp.load(base_gguf, context=longest + 1, lora=adapter_gguf)
+        model = llama_cpp.load(base_gguf, context=_context(rows), lora=adapter_gguf)
     except llama_cpp.Refused as refused:
         raise fail(str(adapter_gguf), "verification", f"llama.cpp {version} refuses it over {str(base_gguf)!r}: "
                    f"{refused}", "pass the GGUF of the base this adapter was trained on as --base-gguf") from None
     round_trip = _tokenizes_alike(AutoTokenizer.from_pretrained(tokenizer_folder), model, rows)
     found = llama_cpp.response_logits(model, rows.batches)
     model.close()
+    return _gguf_verdict(f"llama.cpp (llama-cpp-python {version}), applied over {base_gguf.name}", found, want, rows,
+                         base_type, round_trip)
+
+
+def _gguf_verdict(judge: str, found, want, rows: Rows, kind: str, round_trip: bool) -> GgufVerification:
+    """The judge's logits against the reference's, held to the type's threshold."""
     result = agreement(found, want, rows.batches)
-    return GgufVerification(judge=f"llama.cpp (llama-cpp-python {version}), applied over {base_gguf.name}",
-                            rows=rows.count, held_out=rows.held_out, tokens=result.tokens,
+    return GgufVerification(judge=judge, rows=rows.count, held_out=rows.held_out, tokens=result.tokens,
                             top1_agreement=result.top1_agreement, mean_kl=result.mean_kl,
                             max_abs_logit_diff=result.max_abs_logit_diff, tokenizer_round_trip=round_trip,
-                            min_top1=GGUF_MIN_TOP1[base_type],
-                            passed=round_trip and result.top1_agreement >= GGUF_MIN_TOP1[base_type])
+                            min_top1=GGUF_MIN_TOP1[kind], passed=round_trip and result.top1_agreement >= GGUF_MIN_TOP1[kind])
+
+
+def _context(rows: Rows) -> int:
+    """The context llama.cpp needs for the longest verification example."""
+    return max(len(ids) for batch in rows.batches for ids, _ in batch.examples()) + 1
 
 
 def _tokenizes_alike(ours, model, rows: Rows) -> bool:
