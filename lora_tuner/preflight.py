@@ -11,7 +11,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from .config import Recipe
 from .data.prepare import prepare_data
-from .data.reading import BUILTIN_DEMO, is_local
+from .data.reading import is_local
 from .errors import UserError, fail, show
 from .model.source import check_base_source
 from .plan.known_configs import KNOWN, KNOWN_LINEARS, known_positions
@@ -33,7 +33,7 @@ def check_recipe(recipe: Recipe, source: str) -> list[str]:
     else:
         notes.append(f"tokenizer {tokenizer_name!r} is on the hub: token lengths are checked when the run starts")
     notes += check_model_fit(recipe, source, tokenizer)
-    if recipe.data.path == BUILTIN_DEMO or is_local(recipe.data.path):
+    if is_local(recipe.data.path):
         data = prepare_data(recipe, tokenizer, source)
         notes.append(f"data: {len(data.train)} train / {len(data.eval)} validation rows"
                      + (f"; would drop {data.dropped_summary()}" if data.dropped else ""))

@@ -5,7 +5,8 @@ AdapterPool read it; nothing else names its files.
     tokenizer files                                   with a chat template that renders the training prompt
     recipe.yaml        the resolved recipe            run.json       the manifest (RunManifest)
     metrics.jsonl      one row per log step           loss.png       train and validation loss
-    validation.jsonl   the rows eval and merge verification score (held out, unless the run had no split)
+    validation.jsonl   the rows eval and merge verification score (held out, unless the run had no split); a
+                       preference run's keep their chosen and rejected replies
     checkpoints/       sealed Trainer checkpoints     tensorboard/   event files
     base-model/        the random base, for model.init: random
     eval.json, eval.md written by `lora-tune eval`
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import Recipe, dump_recipe, load_recipe
 from .config.schema import QuantizationSection
+from .data.formats import response_example
 from .errors import fail
 
 SEAL = "COMPLETE"  # written last into a checkpoint, after every file of it is on disk
@@ -179,12 +181,23 @@ class RunFolder:
         (self.path / self.VALIDATION).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
     def validation(self) -> tuple[list[dict], bool]:
-        """(prompt/completion examples, whether they were held out of training)."""
+        """(prompt/completion examples, whether they were held out of training). A preference run's are its prompts
+        with the chosen (or desirable) replies: what merge verification and eval's response loss score."""
+        examples, held_out = self.validation_examples()
+        return [e for e in map(response_example, examples) if e is not None], held_out
+
+    def validation_examples(self) -> tuple[list[dict], bool]:
+        """(the examples as the run prepared them: prompt/completion, prompt/chosen/rejected or prompt/completion/
+        label, whether they were held out of training)."""
+        rows = self._validation_rows()
+        return ([{key: value for key, value in r.items() if key not in ("row", "held_out")} for r in rows],
+                bool(rows) and all(r["held_out"] for r in rows))
+
+    def _validation_rows(self) -> list[dict]:
         path = self.path / self.VALIDATION
         if not path.is_file():
-            return [], False
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], all(r["held_out"] for r in rows)
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     # checkpoints
     def newest_sealed_checkpoint(self, log: Callable[[str], None]) -> Path | None:

@@ -166,12 +166,20 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 
 def explain() -> list[str]:
     """One line per recipe field: key, type, default and its doc."""
+    return _explain(Recipe, "")
+
+
+def _explain(model: type[BaseModel], prefix: str) -> list[str]:
     lines = []
-    for section_name, section_field in Recipe.model_fields.items():
-        section = _section_type(section_field.annotation)
-        for name, field in section.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            lines.append(f"{section_name}.{name} ({default}): {field.description}")
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is not None and prefix:  # a section inside a section (train.dpo): its own fields follow
+            lines.append(f"{prefix}{name}: {field.description}")
+        if section is not None:
+            lines += _explain(section, f"{prefix}{name}.")
+            continue
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{prefix}{name} ({default}): {field.description}")
     return lines
 
 

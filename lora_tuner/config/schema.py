@@ -4,7 +4,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from ..data.formats import FORMATS
+from ..data.formats import FORMATS, METHOD_KINDS
 from ..data.templates import slot_problems
 
 DType = Literal["bfloat16", "float16", "float32"]
@@ -92,7 +92,8 @@ class TemplatePair(Section):
 
 class DataSection(Section):
     path: str = Field(
-        description="Local .json/.jsonl/.parquet file, a hub data set id, or builtin:demo-tasks (generated offline)."
+        description="Local .json/.jsonl/.parquet file, a hub data set id, or builtin:demo-tasks / "
+        "builtin:demo-preferences (generated offline)."
     )
     format: Literal[tuple(FORMATS)] = Field(
         "alpaca", description="Row format; " + "; ".join(f"{name}: {f.doc}" for name, f in FORMATS.items()) + ".",
@@ -112,8 +113,33 @@ class DataSection(Section):
     limit: int | None = Field(None, ge=1, description="Use only the first N rows (quick trials).")
 
 
+class PreferenceSettings(Section):
+    beta: float = Field(0.1, gt=0, le=100, description="How far the trained model may move from the reference: higher "
+                        "keeps it closer (the KL weight of DPO and KTO).")
+    reference: Literal["start", "base"] = Field(
+        "start", description="The frozen model rewards are measured against, at no second copy of the base: start: "
+        "the model before this run (the init.adapter when given, else the base); base: the base without any adapter.")
+
+
+class DpoSection(PreferenceSettings):
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"] = Field(
+        "sigmoid", description="DPO loss (TRL's names): sigmoid is the paper's; ipo, hinge, robust (noisy labels, "
+        "with label_smoothing), sigmoid_norm (length-normalised).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust: the share of pairs assumed mislabelled.")
+
+
+class KtoSection(PreferenceSettings):
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable (label true) completions.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable (label false) completions; "
+                                      "KTO's paper keeps desirable x count over undesirable x count within 1 to 4/3.")
+
+
 class TrainSection(Section):
-    method: Literal["sft"] = Field("sft", description="Training method: sft (supervised fine-tuning on the responses).")
+    method: Literal["sft", "dpo", "kto"] = Field(
+        "sft", description="Training method: sft (supervised fine-tuning on the responses); dpo (direct preference "
+        "optimisation on chosen/rejected pairs); kto (desirable/undesirable completions, paired or not).")
+    dpo: DpoSection | None = Field(None, description="DPO settings (method: dpo only).")
+    kto: KtoSection | None = Field(None, description="KTO settings (method: kto only).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: Union[Literal["auto"], PositiveInt] = Field(
@@ -155,6 +181,15 @@ class TrainSection(Section):
         ["tensorboard"], description="Experiment trackers to log to."
     )
 
+    @model_validator(mode="after")
+    def _method_settings(self):
+        for method in ("dpo", "kto"):
+            if getattr(self, method) is not None and self.method != method:
+                raise ValueError(f"train.{method} applies to method: {method} only (the method is {self.method!r})")
+        if self.method in ("dpo", "kto") and getattr(self, self.method) is None:
+            setattr(self, self.method, DpoSection() if self.method == "dpo" else KtoSection())
+        return self
+
 
 class DistributedSection(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
@@ -177,11 +212,46 @@ class OutputSection(Section):
         return name
 
 
+class InitSection(Section):
+    adapter: str | None = Field(
+        None, description="Start from this adapter (a run folder or PEFT adapter folder of the same base, e.g. an SFT "
+        "run before DPO) instead of a fresh one; lora.rank, alpha and target_modules must match it.")
+
+
 class Recipe(Section):
     model: ModelSection
+    init: InitSection = InitSection()
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
     data: DataSection
     train: TrainSection = TrainSection()
     distributed: DistributedSection = DistributedSection()
     output: OutputSection
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_data_default(cls, raw):
+        """A preference method's data are pairs unless the recipe says otherwise (TRL's prompt/chosen/rejected)."""
+        if isinstance(raw, dict) and isinstance(raw.get("train"), dict) and isinstance(raw.get("data"), dict) \
+                and raw["train"].get("method") in ("dpo", "kto") and "format" not in raw["data"]:
+            raw = {**raw, "data": {**raw["data"], "format": "preference"}}
+        return raw
+
+    @model_validator(mode="after")
+    def _method_fits_data(self):
+        method, data = self.train.method, self.data
+        kind = FORMATS[data.format].kind
+        if kind not in METHOD_KINDS[method]:
+            fits = [name for name, f in FORMATS.items() if f.kind in METHOD_KINDS[method]]
+            raise ValueError(f"data.format {data.format!r} holds {kind} rows, which train.method {method!r} cannot "
+                             f"train on; use one of: {', '.join(fits)}")
+        if method != "sft":
+            if "packing" not in data.model_fields_set:
+                data.packing = False
+            for name in ("packing", "train_on_inputs"):
+                if name in data.model_fields_set and getattr(data, name):
+                    raise ValueError(f"data.{name} applies to method: sft only (preference pairs are never packed "
+                                     "and score responses only)")
+            if self.train.response_loss is True:
+                raise ValueError("train.response_loss applies to method: sft only")
+        return self

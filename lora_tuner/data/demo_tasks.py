@@ -1,5 +1,5 @@
-"""A small Alpaca-format data set generated offline: simple deterministic tasks a tiny model can learn,
-so the demo recipe shows a falling loss with nothing downloaded."""
+"""Small data sets generated offline, so the demo recipes train with nothing downloaded: simple deterministic tasks a
+tiny model can learn (Alpaca format), and preference pairs over the same tasks by a rule their SFT data never taught."""
 import random
 
 WORDS = (
@@ -37,3 +37,15 @@ def _task(rng: random.Random) -> dict:
 def demo_tasks(rows: int = 2000, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [_task(rng) for _ in range(rows)]
+
+
+def demo_preferences(rows: int = 2000, seed: int = 1) -> list[dict]:
+    """Pairs of the demo tasks' answers that prefer capitals: chosen is the answer upper-cased, rejected the answer as
+    the SFT data gives it (tasks whose answers have no lower-case letters are skipped)."""
+    rng, found = random.Random(seed), []
+    while len(found) < rows:
+        task = _task(rng)
+        if task["output"].upper() != task["output"]:
+            found.append({"prompt": task["instruction"], "input": task["input"], "chosen": task["output"].upper(),
+                          "rejected": task["output"]})
+    return found

@@ -9,7 +9,7 @@ from ..errors import fail
 from .formats import FORMATS
 from .reading import read_rows
 from .templates import resolve
-from .tokenize import TokenizedExample, tokenize_examples
+from .tokenize import Tokenized, TokenizedExample, TokenizedLabelled, tokenize_rows
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -21,8 +21,8 @@ SHOWN_ROWS = 5  # row numbers quoted per reason; the count is always complete
 @dataclass
 class Row:
     number: int  # 1-based position in the source data, as error messages and run.json name rows
-    example: dict  # prompt/completion
-    tokens: TokenizedExample | None  # None when prepared without a tokenizer (validate with a hub tokenizer)
+    example: dict  # prompt/completion, prompt/chosen/rejected or prompt/completion/label (formats.py)
+    tokens: Tokenized | None  # None when prepared without a tokenizer (validate with a hub tokenizer)
 
 
 @dataclass
@@ -37,7 +37,8 @@ class PreparedData:
         return dropped_summary(self.dropped, self.rows_read)
 
     def dataset(self, split: str, train_on_inputs: bool) -> "Dataset | None":
-        """The split as TRL's pre-tokenized rows (input_ids, labels); TRL packs them."""
+        """The split as TRL's pre-tokenized rows: input_ids/labels (SFT; TRL packs them), prompt_ids/chosen_ids/
+        rejected_ids (DPO) or prompt_ids/completion_ids/label (KTO)."""
         from datasets import Dataset  # a second to import; validate prepares rows without it
 
         rows = getattr(self, split)
@@ -63,6 +64,7 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
     raw = read_rows(data.path, data.limit, source)
     if not raw.rows:
         raise fail(source, "data.path", f"{data.path!r} holds no rows", "point data.path at a non-empty data set")
+    kind = FORMATS[data.format].kind
     rows, dropped, template = [], defaultdict(list), resolve(data.template)
     for number, item in enumerate(raw.rows, start=1):
         example = data_format.to_example(item, template) if isinstance(item, dict) else \
@@ -74,7 +76,7 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
     if not rows and all(reason.startswith("missing") for reason in dropped):
         raise _wrong_columns(raw.rows[0], data.format, source)
     if tokenizer is not None:
-        rows = _tokenized(rows, tokenizer, data.max_length, dropped)
+        rows = _tokenized(rows, tokenizer, data.max_length, dropped, kind)
     if not rows:
         raise fail(source, "data", f"no usable rows: {dropped_summary(dropped, len(raw.rows))}",
                    "fix the rows, or raise data.max_length if they are too long")
@@ -82,13 +84,24 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
         raise fail(source, "data.bad_rows", f"'fail' and {dropped_summary(dropped, len(raw.rows))}",
                    "fix those rows or set data.bad_rows: drop")
     train, validation = _split(rows, recipe, source)
+    if recipe.train.method == "kto" and kind == "pairs":  # KTO trains on each reply alone; validation keeps the pairs
+        train = [unpaired for row in train for unpaired in _unpaired(row)]
     return PreparedData(train, validation, raw.sha256, len(raw.rows), dict(dropped))
 
 
-def _tokenized(rows: list[Row], tokenizer, max_length: int, dropped: dict) -> list[Row]:
+def _unpaired(row: Row) -> list[Row]:
+    """A pair as KTO's two rows: the chosen reply desirable, the rejected one not."""
+    prompt, pair = row.example["prompt"], row.tokens
+    return [Row(row.number, {"prompt": prompt, "completion": row.example["chosen"], "label": True},
+                pair and TokenizedLabelled(TokenizedExample(pair.prompt_ids, pair.chosen_ids), True)),
+            Row(row.number, {"prompt": prompt, "completion": row.example["rejected"], "label": False},
+                pair and TokenizedLabelled(TokenizedExample(pair.prompt_ids, pair.rejected_ids), False))]
+
+
+def _tokenized(rows: list[Row], tokenizer, max_length: int, dropped: dict, kind: str) -> list[Row]:
     kept = []
     too_long = f"longer than data.max_length={max_length} tokens"
-    for row, tokens in zip(rows, tokenize_examples(tokenizer, [row.example for row in rows])):
+    for row, tokens in zip(rows, tokenize_rows(tokenizer, [row.example for row in rows], kind)):
         if isinstance(tokens, str):
             dropped[tokens].append(row.number)
         elif len(tokens) > max_length:

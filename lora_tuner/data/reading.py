@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import fail
-from .demo_tasks import demo_tasks
+from .demo_tasks import demo_preferences, demo_tasks
 
-BUILTIN_DEMO = "builtin:demo-tasks"
+BUILTIN = {"builtin:demo-tasks": demo_tasks, "builtin:demo-preferences": demo_preferences}  # generated offline
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -18,12 +18,12 @@ class RawRows:
 
 
 def is_local(path: str) -> bool:
-    return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
+    return path in BUILTIN or path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
 
 
 def read_rows(path: str, limit: int | None, source: str) -> RawRows:
-    if path == BUILTIN_DEMO:
-        rows = demo_tasks(limit or 2000)
+    if path in BUILTIN:
+        rows = BUILTIN[path](limit or 2000)
         return RawRows(rows, _sha256(json.dumps(rows).encode()))
     if is_local(path):
         raw = _read_local(Path(path).expanduser(), source)

@@ -29,6 +29,58 @@ class TokenizedExample:
         return {"input_ids": self.prompt_ids + self.completion_ids, "labels": prompt_labels + self.completion_ids}
 
 
+@dataclass
+class TokenizedPair:
+    """A preference pair: the prompt once, each reply continuing it as a completion does (TRL's DPO columns)."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def __len__(self) -> int:  # the longer of the two sequences the pair is trained as
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    def training_row(self, train_on_inputs: bool) -> dict:
+        return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids, "rejected_ids": self.rejected_ids}
+
+
+@dataclass
+class TokenizedLabelled:
+    """KTO's unpaired row: a completion marked desirable (label True) or not."""
+    example: TokenizedExample
+    label: bool
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+    def training_row(self, train_on_inputs: bool) -> dict:
+        return {"prompt_ids": self.example.prompt_ids, "completion_ids": self.example.completion_ids,
+                "label": self.label}
+
+
+Tokenized = TokenizedExample | TokenizedPair | TokenizedLabelled
+
+
+def tokenize_rows(tokenizer: "PreTrainedTokenizerBase", examples: list[dict], kind: str) -> list[Tokenized | str]:
+    """Examples of a format's kind (formats.METHOD_KINDS) tokenized, or the reason each cannot be: a pair is two
+    prompt/completion examples sharing the prompt, so both replies are tokenized exactly as SFT tokenizes a response."""
+    if kind == "sft":
+        return tokenize_examples(tokenizer, examples)
+    if kind == "unpaired":
+        found = tokenize_examples(tokenizer, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+        return [row if isinstance(row, str) else TokenizedLabelled(row, e["label"]) for row, e in zip(found, examples)]
+    chosen = tokenize_examples(tokenizer, [{"prompt": e["prompt"], "completion": e["chosen"]} for e in examples])
+    rejected = tokenize_examples(tokenizer, [{"prompt": e["prompt"], "completion": e["rejected"]} for e in examples])
+    pairs = []
+    for good, bad in zip(chosen, rejected):
+        if isinstance(good, str) or isinstance(bad, str):
+            pairs.append(good if isinstance(good, str) else bad)
+        elif good.completion_ids == bad.completion_ids:
+            pairs.append("chosen equals rejected")
+        else:
+            pairs.append(TokenizedPair(good.prompt_ids, good.completion_ids, bad.completion_ids))
+    return pairs
+
+
 def tokenize_examples(tokenizer: "PreTrainedTokenizerBase", examples: list[dict]) -> list[TokenizedExample | str]:
     """One TokenizedExample per example, or the reason it cannot be trained on as inference would prompt it."""
     if not examples:

@@ -1,14 +1,17 @@
 """`lora-tune eval`: held-out response loss and perplexity of the bare base, base + adapter and a merged export, on
-the run's own validation rows (or a data file), with greedy generations side by side. Writes eval.json and eval.md
+the run's own validation rows (or a data file), with greedy generations side by side; for a preference run also the
+start adapter, and each model's preference accuracy and reward margin (preference.py). Writes eval.json and eval.md
 into the folder evaluated."""
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..data.formats import response_example
 from ..errors import fail
 from ..run_folder import RunFolder, write_atomically
 from ..verify.scoring import batches, loss, perplexity, tokenized_rows
+from .preference import PairLogps, pair_logps, preference_score, tokenized_pairs
 
 DEFAULT_MAX_LENGTH = 1024
 SHOWN_PROMPT = 300  # characters of each prompt quoted in eval.md
@@ -20,6 +23,8 @@ class Scored:
     loss: float
     perplexity: float
     gain_kept: float | None = None  # share of the adapter's loss gain over the base this model keeps
+    preference_accuracy: float | None = None  # preference runs: share of pairs the implicit reward gets right
+    reward_margin: float | None = None  # mean implicit reward of chosen minus rejected
 
 
 @dataclass
@@ -32,13 +37,23 @@ class EvalReport:
     models: list[Scored]
     computed_in: str | None  # dtype of the base and adapter rows
     generations: list[dict] = field(default_factory=list)  # {"prompt", "base", "adapter"}
+    pairs: int = 0  # preference pairs scored (preference runs)
+    reference: str | None = None  # the model rewards are measured against, and beta
 
     def table(self) -> str:
-        lines = [f"{self.rows} {'held-out ' if self.held_out else ''}rows ({self.data}), {self.tokens:,} response tokens",
-                 f"{'model':40s} {'loss':>8s} {'perplexity':>11s} {'gain kept':>10s}"]
+        pairs = f"; {self.pairs} pairs, rewards against {self.reference}" if self.pairs else ""
+        lines = [f"{self.rows} {'held-out ' if self.held_out else ''}rows ({self.data}), {self.tokens:,} response "
+                 f"tokens{pairs}",
+                 f"{'model':40s} {'loss':>8s} {'perplexity':>11s} {'gain kept':>10s}"
+                 + (f" {'pref. acc.':>10s} {'margin':>8s}" if self.pairs else "")]
         for m in self.models:
             kept = f"{m.gain_kept:.1%}" if m.gain_kept is not None else ""
-            lines.append(f"{m.name:40s} {m.loss:8.4f} {m.perplexity:11.2f} {kept:>10s}")
+            preferred = "" if not self.pairs else f" {_share(m.preference_accuracy):>10s} " + \
+                ("" if m.reward_margin is None else f"{m.reward_margin:8.3f}")
+            lines.append(f"{m.name:40s} {m.loss:8.4f} {m.perplexity:11.2f} {kept:>10s}" + preferred)
+        if self.pairs:
+            lines.append("loss: response loss on the chosen replies; pref. acc.: share of pairs whose implicit reward "
+                         "prefers chosen (ties half)")
         if self.computed_in:
             lines.append(f"base and adapter computed in {self.computed_in}, as trained")
         if self.held_out is False:
@@ -46,14 +61,21 @@ class EvalReport:
         return "\n".join(lines)
 
     def markdown(self) -> str:
-        lines = ["# Evaluation", "", self.table().split("\n")[0], "", "| model | loss | perplexity | gain kept |",
-                 "|---|---:|---:|---:|"]
+        extra = " pref. acc. | margin |" if self.pairs else ""
+        lines = ["# Evaluation", "", self.table().split("\n")[0], "", "| model | loss | perplexity | gain kept |" + extra,
+                 "|---|---:|---:|---:|" + ("---:|---:|" if self.pairs else "")]
         lines += [f"| {m.name} | {m.loss:.4f} | {m.perplexity:.2f} | "
-                  f"{'' if m.gain_kept is None else f'{m.gain_kept:.1%}'} |" for m in self.models]
+                  f"{'' if m.gain_kept is None else f'{m.gain_kept:.1%}'} |"
+                  + (f" {_share(m.preference_accuracy)} | {'' if m.reward_margin is None else f'{m.reward_margin:.3f}'} |"
+                     if self.pairs else "") for m in self.models]
         for i, g in enumerate(self.generations, start=1):
             lines += ["", f"## Generation {i}", "", "Prompt (end):", "", "```", g["prompt"][-SHOWN_PROMPT:], "```", "",
                       "Base:", "", "```", g["base"], "```", "", "Adapter:", "", "```", g["adapter"], "```"]
         return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
 
 
 def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | None = None, rows: int | None = None,
@@ -82,14 +104,23 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     examples, held_out, where = _examples(target, recipe, tokenizer, data, source)
     examples = examples[:rows] if rows else examples
     max_length = recipe.data.max_length if recipe else DEFAULT_MAX_LENGTH
-    tokenized = tokenized_rows(tokenizer, examples, max_length)
+    responses = [e for e in map(response_example, examples) if e is not None]
+    tokenized = tokenized_rows(tokenizer, responses, max_length)
     scored_rows = batches(tokenized, tokenizer.pad_token_id or 0)
-    models = []
+    pairs = tokenized_pairs(tokenizer, [e for e in examples if "chosen" in e], max_length) if pool else []
+    models, logps = [], {}
     if pool is not None:
-        with pool.use(None) as model:
-            models.append(Scored("base", *_measure(model, scored_rows, "scoring the base")))
-        with pool.use("adapter") as model:
-            models.append(Scored("base + adapter", *_measure(model, scored_rows, "scoring base + adapter")))
+        start = recipe.init.adapter
+        if start is not None:
+            pool.add("start", start)
+        for name, adapter in (("base", None), ("start (init.adapter)", "start" if start else None),
+                              ("base + adapter", "adapter")):
+            if name == "base" or adapter is not None:
+                with pool.use(adapter) as model:
+                    models.append(Scored(name, *_measure(model, scored_rows, f"scoring {name}")))
+                    if pairs:
+                        logps[name] = pair_logps(model, pairs, tokenizer.pad_token_id or 0, f"pairs of {name}")
+    reference = _score_preferences(models, logps, recipe) if pairs else None
     if merged is not None:
         from ..export.weights import streamed_source
 
@@ -100,10 +131,24 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     _gains(models)
     report = EvalReport(str(target.path), where, held_out, len(tokenized), sum(len(b.targets) for b in scored_rows),
                         models, str(pool.model.dtype).removeprefix("torch.") if pool else None,
-                        _generations(pool, tokenized, generate, max_new_tokens) if pool else [])
+                        _generations(pool, tokenized, generate, max_new_tokens) if pool else [], len(pairs), reference)
     target.write_json(RunFolder.EVAL_JSON, asdict(report))
     write_atomically(target / RunFolder.EVAL_MD, report.markdown())
     return report
+
+
+def _score_preferences(models: list[Scored], logps: dict[str, PairLogps], recipe) -> str:
+    """Each model's preference accuracy and margin, rewards measured as the run measured them (its reference and
+    beta); returns which reference that was."""
+    settings = getattr(recipe.train, recipe.train.method, None)
+    beta = settings.beta if settings is not None else 0.1  # an SFT run scored on pairs: DPO's usual beta
+    uses_start = recipe.init.adapter is not None and (settings is None or settings.reference == "start")
+    reference = "start (init.adapter)" if uses_start else "base"
+    for model in models:
+        if model.name in logps:
+            score = preference_score(logps[model.name], logps[reference], beta)
+            model.preference_accuracy, model.reward_margin = score.accuracy, score.margin
+    return f"{reference}, beta {beta:g}"
 
 
 def _check_merged(merged: Path, source: str) -> None:
@@ -130,9 +175,9 @@ def _gains(models: list[Scored]) -> None:
 
 
 def _examples(target: RunFolder, recipe, tokenizer, data: str | None, source: str):
-    """(prompt/completion examples, whether they were held out (None: unknown), where they came from)."""
+    """(examples as prepared for training, whether they were held out (None: unknown), where they came from)."""
     if data is None:
-        examples, held_out = target.validation()
+        examples, held_out = target.validation_examples()
         if not examples:
             raise fail(source, "--data", "this folder records no validation rows", "pass --data FILE")
         return examples, held_out, f"{RunFolder.VALIDATION} of the run"

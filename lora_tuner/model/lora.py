@@ -1,8 +1,9 @@
-"""Attach LoRA adapters with peft."""
+"""Attach LoRA adapters with peft: a fresh one, or the recipe's init.adapter to train on from where it ended."""
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel, set_seed
 
 from ..config.schema import Recipe
+from ..errors import fail
 
 
 def lora_config(recipe: Recipe) -> LoraConfig:
@@ -18,11 +19,35 @@ def lora_config(recipe: Recipe) -> LoraConfig:
     )
 
 
-def attach_lora(base: PreTrainedModel, recipe: Recipe) -> PeftModel:
+def attach_lora(base: PreTrainedModel, recipe: Recipe, base_id: str | None = None, source: str = "recipe") -> PeftModel:
+    """base_id: the base as the run records it, which init.adapter must have been trained on."""
     if recipe.quantization.mode != "none":
         # Casts norms/embeddings to fp32 and enables input grads, which training a frozen quantized base needs.
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=recipe.train.gradient_checkpointing
         )
+    if recipe.init.adapter is not None:
+        return _start_adapter(base, recipe, base_id, source)
     set_seed(recipe.train.seed)  # LoRA A is initialised randomly: same seed, same adapter
     return get_peft_model(base, lora_config(recipe))
+
+
+def _start_adapter(base: PreTrainedModel, recipe: Recipe, base_id: str | None, source: str) -> PeftModel:
+    """init.adapter loaded trainable, after the checks AdapterPool makes (every weight fits this base, the run it came
+    from trained this base) and that the recipe's lora section describes it (merge and export read the recipe)."""
+    from ..adapters.compat import adapter_folder, check_adapter
+    from ..run_folder import RunFolder
+
+    folder = adapter_folder(recipe.init.adapter)
+    if not folder.is_dir():
+        raise fail(source, "init.adapter", f"{recipe.init.adapter!r} is not a folder",
+                   "point at a run folder (adapters/<run>) or a PEFT adapter folder")
+    check_adapter(folder, base, base_id)
+    config = RunFolder(folder).adapter_config()
+    lora = recipe.lora
+    for field, key, wanted in (("rank", "r", lora.rank), ("alpha", "lora_alpha", lora.alpha),
+                               ("rslora", "use_rslora", lora.rslora)):
+        if config.get(key) != wanted:
+            raise fail(source, f"lora.{field}", f"{wanted!r}, but init.adapter {str(folder)!r} has {config.get(key)!r}",
+                       f"set lora.{field}: {config.get(key)} (the adapter's own)")
+    return PeftModel.from_pretrained(base, str(folder), is_trainable=True)

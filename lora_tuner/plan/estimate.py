@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from ..config.schema import Recipe
-from ..data.reading import BUILTIN_DEMO, is_local
+from ..data.reading import is_local
 from ..errors import fail
 from ..model.anatomy import meta_model, quantized_linears
 from ..model.dtypes import native_dtype
@@ -328,7 +328,7 @@ def _data_shape(recipe: Recipe, source: str, tokens: int | None) -> DataShape:
     known = KNOWN_DATA.get(data.path)
     share = known["response_share"] if known else DEFAULT_RESPONSE_SHARE
     per_row = known["tokens_per_row"] if known else data.max_length / 2
-    if data.path == BUILTIN_DEMO or is_local(data.path):
+    if is_local(data.path):
         from ..data.prepare import prepare_data
         from ..model.tokenizer import load_tokenizer
 

@@ -1,5 +1,5 @@
-"""Training methods, by recipe name (train.method). A method turns the prepared run into a transformers Trainer;
-SFT is the one today, and a preference-tuning method would be another entry beside it."""
+"""Training methods, by recipe name (train.method). A method turns the prepared run into a transformers Trainer that
+also says what it decided (fast_path_notes): SFT, and the preference methods DPO and KTO."""
 from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback
 
@@ -9,9 +9,10 @@ from ..run_folder import RunFolder
 from .callbacks import EvaluateAtEnd, MetricsFile
 from .checkpoints import SealCheckpoints
 from .progress import Progress
+from .preference import make_dpo_trainer, make_kto_trainer
 from .sft import make_sft_trainer
 
-METHODS = {"sft": make_sft_trainer}
+METHODS = {"sft": make_sft_trainer, "dpo": make_dpo_trainer, "kto": make_kto_trainer}
 
 
 def make_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, folder: RunFolder, ranks: PartialState,

@@ -131,7 +131,7 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
         raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
                    f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
                    "set data.packing: false, or try another model.attn_implementation")
-    model = attach_lora(base, recipe)
+    model = attach_lora(base, recipe, base_path, source)
     if recipe.train.compile:
         compile_decoder_layers(model.get_base_model())
     trainer, progress = make_trainer(recipe, model, tokenizer, data, work, ranks, fresh=checkpoint is None)
@@ -167,8 +167,9 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
 
 def _save(model: PeftModel, tokenizer, recipe: Recipe, work: RunFolder, base_path: str,
           manifest: RunManifest) -> None:
-    # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder.
-    model.save_pretrained(work.path)
+    # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder. Only the
+    # trained adapter: a preference run also holds its frozen reference copy (train/preference.py).
+    model.save_pretrained(work.path, selected_adapters=[model.active_adapter])
     _point_adapter_at(work, base_path)
     tokenizer.chat_template = training_chat_template(recipe.data, tokenizer)
     tokenizer.save_pretrained(work.path)

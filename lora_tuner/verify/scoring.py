@@ -107,6 +107,15 @@ def loss(model, rows: list[Batch], desc: str | None = None) -> float:
     return total / max(count, 1)
 
 
+def sequence_logps(model, rows: list[Batch], desc: str | None = None) -> list[float]:
+    """Each row's summed response-token log-probability, log p(reply | prompt): what DPO's implicit reward compares."""
+    found = []
+    for batch in tqdm(rows, desc=desc, unit="batch", leave=False, disable=desc is None):
+        token_logps = -F.cross_entropy(response_logits(model, batch), batch.targets, reduction="none")
+        found += [part.sum().item() for part in token_logps.split(batch.scored.sum(1).tolist())]
+    return found
+
+
 @dataclass
 class Agreement:
     tokens: int
