@@ -24,6 +24,10 @@ def check_recipe(recipe: Recipe, source: str) -> list[str]:
     notes = []
     check_base_source(recipe.model, source)
     check_environment(recipe, source)
+    if recipe.init.adapter is not None and not Path(recipe.init.adapter).expanduser().exists():
+        notes.append(f"init.adapter {recipe.init.adapter!r} is not there yet: train it before this run")
+    else:
+        check_init_adapter(recipe, source)
     tokenizer_name = recipe.model.tokenizer or recipe.model.name_or_path
     tokenizer = None
     if tokenizer_name == "bytes" or is_local(tokenizer_name):
@@ -40,6 +44,25 @@ def check_recipe(recipe: Recipe, source: str) -> list[str]:
     else:
         notes.append(f"data {recipe.data.path!r} is on the hub: its rows are checked when the run starts")
     return notes
+
+
+def check_init_adapter(recipe: Recipe, source: str) -> None:
+    """init.adapter is an adapter folder that the recipe's lora section describes (merge and export read the recipe).
+    That each of its weights fits the base is checked once the base is loaded (model/lora.py)."""
+    if recipe.init.adapter is None:
+        return
+    from .run_folder import RunFolder
+
+    folder = RunFolder(Path(recipe.init.adapter).expanduser())
+    if not folder.has_adapter:
+        raise fail(source, "init.adapter", f"{recipe.init.adapter!r} holds no adapter_config.json + "
+                   "adapter_model.safetensors", "point at a finished run folder (adapters/<run>) or a PEFT adapter")
+    config, lora = folder.adapter_config(), recipe.lora
+    for field, key, wanted in (("rank", "r", lora.rank), ("alpha", "lora_alpha", lora.alpha),
+                               ("rslora", "use_rslora", lora.rslora), ("dora", "use_dora", lora.dora)):
+        if config.get(key, False) != wanted:
+            raise fail(source, f"lora.{field}", f"{wanted!r}, but init.adapter {recipe.init.adapter!r} has "
+                       f"{config.get(key)!r}", f"set lora.{field}: {config.get(key)} (the adapter's own)")
 
 
 def check_environment(recipe: Recipe, source: str) -> None:

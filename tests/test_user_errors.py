@@ -32,6 +32,19 @@ def pickled_model(tmp_path):
     return str(folder)
 
 
+def fake_adapter(tmp_path, rank):
+    """An adapter folder as far as its config goes (the rank check reads nothing else)."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return str(folder)
+
+
+def dpo(tmp_path, tiny_base, alpaca_file, train=None, **sections):
+    return good(tmp_path, tiny_base, alpaca_file, train={"method": "dpo", **(train or {})}, **sections)
+
+
 # (case id, recipe builder, expected fragments of the single error line)
 CASES = [
     ("yaml-syntax", lambda t, b, a: write(t, "r.yaml", "model:\n  name_or_path: x\n bad: [1,\n"),
@@ -73,6 +86,18 @@ CASES = [
      ["model.allow_pickle", "pickled", "safetensors"]),
     ("not-a-model-folder", lambda t, b, a: good(t, b, a, model={"name_or_path": str(t)}),
      ["model.name_or_path", "no config.json"]),
+    ("dpo-settings-for-sft", lambda t, b, a: good(t, b, a, train={"dpo": {"beta": 0.2}}),
+     ["train", "train.dpo applies to method: dpo only", "'sft'"]),
+    ("dpo-on-sft-rows", lambda t, b, a: dpo(t, b, a, data={"format": "alpaca"}),
+     ["data.format 'alpaca'", "train.method 'dpo'", "preference, preference-chat, hh, alpaca-cut"]),
+    ("dpo-packing", lambda t, b, a: dpo(t, b, a, data={"packing": True}), ["data.packing applies to method: sft only"]),
+    ("dpo-negative-beta", lambda t, b, a: dpo(t, b, a, train={"dpo": {"beta": -1}}), ["train.dpo.beta", "-1"]),
+    ("dpo-alpaca-columns", lambda t, b, a: dpo(t, b, a),
+     ["data.format", "'preference' needs columns ['prompt', 'chosen', 'rejected']", "'instruction'"]),
+    ("init-adapter-not-an-adapter", lambda t, b, a: good(t, b, a, init={"adapter": str(t)}),
+     ["init.adapter", "holds no adapter_config.json"]),
+    ("init-adapter-other-rank", lambda t, b, a: good(t, b, a, init={"adapter": fake_adapter(t, 4)}),
+     ["lora.rank", "8, but init.adapter", "has 4", "set lora.rank: 4"]),
 ]
 
 

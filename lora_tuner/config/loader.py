@@ -173,14 +173,18 @@ def _explain(model: type[BaseModel], prefix: str) -> list[str]:
     lines = []
     for name, field in model.model_fields.items():
         section = _section_type(field.annotation)
-        if section is not None and prefix:  # a section inside a section (train.dpo): its own fields follow
-            lines.append(f"{prefix}{name}: {field.description}")
-        if section is not None:
-            lines += _explain(section, f"{prefix}{name}.")
+        if section is not None and not prefix:  # a top-level section: its fields
+            lines += _explain(section, f"{name}.")
             continue
         default = "required" if field.is_required() else f"default {field.default!r}"
         lines.append(f"{prefix}{name} ({default}): {field.description}")
+        if section is not None and type(None) in get_args(field.annotation):  # an optional section (train.dpo)
+            lines += _explain_fields(section, f"{prefix}{name}.")
     return lines
+
+
+def _explain_fields(model: type[BaseModel], prefix: str) -> list[str]:
+    return [f"{prefix}{name} (default {field.default!r}): {field.description}" for name, field in model.model_fields.items()]
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -215,7 +215,7 @@ class OutputSection(Section):
 class InitSection(Section):
     adapter: str | None = Field(
         None, description="Start from this adapter (a run folder or PEFT adapter folder of the same base, e.g. an SFT "
-        "run before DPO) instead of a fresh one; lora.rank, alpha and target_modules must match it.")
+        "run before DPO) instead of a fresh one; lora.rank and alpha must be its own.")
 
 
 class Recipe(Section):

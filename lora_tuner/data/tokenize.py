@@ -24,6 +24,10 @@ class TokenizedExample:
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
 
+    def sequences(self) -> list["TokenizedExample"]:
+        """The sequences a trainer runs for this row (a pair: two)."""
+        return [self]
+
     def training_row(self, train_on_inputs: bool) -> dict:
         prompt_labels = self.prompt_ids if train_on_inputs else [IGNORE] * len(self.prompt_ids)
         return {"input_ids": self.prompt_ids + self.completion_ids, "labels": prompt_labels + self.completion_ids}
@@ -39,6 +43,9 @@ class TokenizedPair:
     def __len__(self) -> int:  # the longer of the two sequences the pair is trained as
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
+    def sequences(self) -> list[TokenizedExample]:
+        return [TokenizedExample(self.prompt_ids, self.chosen_ids), TokenizedExample(self.prompt_ids, self.rejected_ids)]
+
     def training_row(self, train_on_inputs: bool) -> dict:
         return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids, "rejected_ids": self.rejected_ids}
 
@@ -51,6 +58,9 @@ class TokenizedLabelled:
 
     def __len__(self) -> int:
         return len(self.example)
+
+    def sequences(self) -> list[TokenizedExample]:
+        return [self.example]
 
     def training_row(self, train_on_inputs: bool) -> dict:
         return {"prompt_ids": self.example.prompt_ids, "completion_ids": self.example.completion_ids,

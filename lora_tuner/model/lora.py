@@ -3,7 +3,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import PreTrainedModel, set_seed
 
 from ..config.schema import Recipe
-from ..errors import fail
 
 
 def lora_config(recipe: Recipe) -> LoraConfig:
@@ -33,21 +32,11 @@ def attach_lora(base: PreTrainedModel, recipe: Recipe, base_id: str | None = Non
 
 
 def _start_adapter(base: PreTrainedModel, recipe: Recipe, base_id: str | None, source: str) -> PeftModel:
-    """init.adapter loaded trainable, after the checks AdapterPool makes (every weight fits this base, the run it came
-    from trained this base) and that the recipe's lora section describes it (merge and export read the recipe)."""
+    """init.adapter loaded trainable, after the checks AdapterPool makes: every weight fits this base, and the run it
+    came from trained this base. (That the recipe's lora section describes it is checked before anything loads:
+    preflight.check_init_adapter.)"""
     from ..adapters.compat import adapter_folder, check_adapter
-    from ..run_folder import RunFolder
 
     folder = adapter_folder(recipe.init.adapter)
-    if not folder.is_dir():
-        raise fail(source, "init.adapter", f"{recipe.init.adapter!r} is not a folder",
-                   "point at a run folder (adapters/<run>) or a PEFT adapter folder")
     check_adapter(folder, base, base_id)
-    config = RunFolder(folder).adapter_config()
-    lora = recipe.lora
-    for field, key, wanted in (("rank", "r", lora.rank), ("alpha", "lora_alpha", lora.alpha),
-                               ("rslora", "use_rslora", lora.rslora)):
-        if config.get(key) != wanted:
-            raise fail(source, f"lora.{field}", f"{wanted!r}, but init.adapter {str(folder)!r} has {config.get(key)!r}",
-                       f"set lora.{field}: {config.get(key)} (the adapter's own)")
     return PeftModel.from_pretrained(base, str(folder), is_trainable=True)

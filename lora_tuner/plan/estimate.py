@@ -2,7 +2,12 @@
 
 Time per token is matmul work at the device's calibrated share of peak, plus the vocabulary softmax (memory-bound,
 so counted per logit, not per FLOP). A run computes the LM head on response tokens only (train.response_loss), so
-the head's work and the softmax scale with the data's response share."""
+the head's work and the softmax scale with the data's response share.
+
+Preference methods (train.method dpo, kto) train on every sequence of a row (a DPO pair is two: prompt + chosen,
+prompt + rejected) and add forward passes without gradients: the reference's, and KTO's KL estimate (policy and
+reference on mismatched completions). TRL computes their log-probabilities in chunks, so the head holds no full
+logits."""
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,6 +25,12 @@ from .known_configs import KNOWN, KNOWN_DATA
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_RESPONSE_SHARE = 0.5  # when the data cannot be counted
+# train.method -> (sequences trained per row, forward passes without gradient per sequence, what they are)
+METHOD_PASSES = {"sft": (1, 0, ""),
+                 "dpo": (2, 1, "two sequences per pair (prompt + chosen, prompt + rejected), each trained and run "
+                               "once more through the reference (no gradient)"),
+                 "kto": (1, 3, "each row trained and run once more through the reference, plus policy and reference "
+                               "on a mismatched completion for KTO's KL estimate (no gradient)")}
 
 
 def usable_memory(total_bytes: int) -> int:
@@ -59,6 +70,7 @@ class Plan:
     batch_size: int
     response_loss: bool
     quantization: str  # none, 4bit, 8bit
+    method: str  # train.method
     change_to_fit: str | None = None  # when it does not fit: the first change that makes it
 
     @property
@@ -88,11 +100,12 @@ class Plan:
     @property
     def head_share(self) -> float:
         """Share of tokens the LM head and softmax run on."""
-        return self.data.response_share if self.response_loss else 1.0
+        return self.data.response_share if self.response_loss and self.method == "sft" else 1.0
 
     @property
     def flops_per_token(self) -> float:
         passes = 3 if self.checkpointing else 2  # forward and input-gradient backward (frozen base), + a recompute
+        passes += METHOD_PASSES[self.method][1]  # preference methods: the reference's forward (and KTO's KL)
         config = self.parts.config.get_text_config()
         context = self.data.tokens_per_row / 2  # causal attention over the example's own tokens, on average
         attention = 2 * 2 * config.num_hidden_layers * config.hidden_size * context
@@ -127,6 +140,8 @@ class Plan:
         rows += [f"{name:15s} {size / GIB:8.2f} GiB" for name, size in self.memory.items()]
         rows.append(f"{'batch':15s} {self.batch_size:>8d} rows, gradient checkpointing "
                     f"{'on' if self.checkpointing else 'off'}, {self.dtype}")
+        if self.method != "sft":
+            rows.append(f"{'method':15s} {self.method}: {METHOD_PASSES[self.method][2]}")
         verdict = "fits" if self.fits else "does NOT fit"
         where = f"{self.device.name}'s" if self.world_size == 1 else f"each of {self.world_size} {self.device.name}s'"
         rows.append(f"{'total':15s} {self.total_bytes / GIB:8.2f} GiB  -> {verdict} in {where} "
@@ -197,7 +212,7 @@ def make_plan(recipe: Recipe, source: str, device_name: str, tokens: int | None 
                        note=data.note + f", split over {world_size} devices ({recipe.distributed.strategy})")
     plan = Plan(target, recipe.model.dtype, world_size, parts, data, _memory(recipe, parts, world_size),
                 recipe.train.gradient_checkpointing, recipe.train.batch_size, recipe.train.response_loss,
-                recipe.quantization.mode)
+                recipe.quantization.mode, recipe.train.method)
     if not plan.fits:
         plan.change_to_fit = change_to_fit(recipe, parts, budget, world_size)
     return plan
@@ -303,7 +318,7 @@ def _memory(recipe: Recipe, parts: Anatomy, world_size: int = 1) -> dict[str, in
             constants = sum(m.out_features * 4 for m in quantized.values())  # one fp32 scale per row
     # adapter weight + gradient (bf16 under QLoRA, as TRL trains them; fp32 otherwise) + two fp32 Adam moments
     adapter_bytes = 2 + 2 if mode == "4bit" else 4 + 4
-    tokens = recipe.train.batch_size * recipe.data.max_length
+    tokens = recipe.train.batch_size * recipe.data.max_length * METHOD_PASSES[recipe.train.method][0]
     act_bytes = 4 if recipe.model.dtype == "float32" else 2
     hidden, layers = config.hidden_size, config.num_hidden_layers
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
@@ -311,7 +326,7 @@ def _memory(recipe: Recipe, parts: Anatomy, world_size: int = 1) -> dict[str, in
     if recipe.lora.dropout > 0:  # each LoRA module keeps its own dropped-out copy of its input
         per_layer += (6 * hidden + inner) * act_bytes
     activations = tokens * (layers * hidden * act_bytes + per_layer) if checkpointing else tokens * layers * per_layer
-    if recipe.train.response_loss:  # a chunk of logits, and the head's input gradient on response tokens
+    if recipe.train.response_loss or recipe.train.method != "sft":  # a chunk of logits, and the head's input gradient
         head = CHUNK_ELEMENTS * 4 * 2 + tokens * hidden * 4
     else:  # logits, their fp32 copy and gradient, for every token
         head = tokens * config.vocab_size * (act_bytes + 4 + 4)
@@ -333,13 +348,19 @@ def _data_shape(recipe: Recipe, source: str, tokens: int | None) -> DataShape:
         from ..model.tokenizer import load_tokenizer
 
         rows = prepare_data(recipe, load_tokenizer(recipe.model, source), source).train
-        counted = sum(len(row.tokens) for row in rows)
-        share = sum(len(row.tokens.completion_ids) for row in rows) / counted
-        per_row = counted / len(rows)
+        sequences = [sequence for row in rows for sequence in row.tokens.sequences()]
+        counted = sum(len(sequence) for sequence in sequences)
+        share = sum(len(sequence.completion_ids) for sequence in sequences) / counted
+        per_row = counted / len(sequences)
         if tokens is None and not train.max_steps:
             return DataShape(int(counted * train.epochs), f"{train.epochs:g} epoch(s), counted", share, per_row)
     if tokens is not None:
         return DataShape(tokens, "given", share, per_row)
+    if train.max_steps and train.method != "sft":  # rows are padded, not packed: each sequence costs its own length
+        sequences = METHOD_PASSES[train.method][0]
+        step_tokens = int(train.max_steps * train.batch_size * train.gradient_accumulation * sequences * per_row)
+        return DataShape(step_tokens, f"{train.max_steps} steps of {train.batch_size} rows x {sequences} sequence(s)",
+                         share, per_row)
     if train.max_steps:
         step_tokens = train.max_steps * train.batch_size * train.gradient_accumulation * data.max_length
         return DataShape(step_tokens, f"{train.max_steps} steps of full packed rows", share, per_row)

@@ -28,7 +28,8 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
         "model": recipe.model.model_copy(update={"dtype": dtype}),
         "quantization": recipe.quantization.model_copy(update={"compute_dtype": compute})})
     notes.append(f"{dtype} compute ({'auto: ' if why != 'recipe' else ''}{why}; LoRA weights and Adam state fp32)")
-    notes.append(f"packing {'on' if recipe.data.packing else 'off'} (data.packing)")
+    notes.append(f"packing {'on' if recipe.data.packing else 'off'} (data.packing)" if train.method == "sft" else
+                 f"packing off ({train.method}: a pair's sequences are padded side by side, as TRL runs them)")
     automatic = [name for name in ("batch_size", "gradient_checkpointing") if getattr(train, name) == "auto"]
     if cuda and automatic:
         available = torch.cuda.get_device_properties(0).total_memory

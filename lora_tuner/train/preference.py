@@ -18,9 +18,11 @@ from .arguments import trainer_arguments
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
 
 
-class _PreTokenized:
-    """TRL tokenizes prompt and prompt + reply and cuts at their common prefix (dropping the end of the prompt where
-    a merge spans the boundary); lora-tune's rows arrive tokenized, as SFT's do, so TRL's own pass is skipped."""
+class _Preference:
+    """What lora-tune changes in TRL's preference trainers: the reference (see the module doc), and the rows. TRL
+    tokenizes prompt and prompt + reply and cuts at their common prefix (dropping the end of the prompt where a merge
+    spans the boundary); lora-tune's rows arrive tokenized, as SFT's do, so each subclass's _prepare_dataset skips
+    TRL's own pass."""
 
     def fast_path_notes(self) -> list[str]:
         return [self._reference_note]
@@ -38,12 +40,12 @@ class _PreTokenized:
                 " (a fresh adapter starts as the base)" if starts_fresh else f" (train.{recipe.train.method}.reference)")
 
 
-class LoraTuneDPOTrainer(_PreTokenized, DPOTrainer):
+class LoraTuneDPOTrainer(_Preference, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
 
 
-class LoraTuneKTOTrainer(_PreTokenized, KTOTrainer):
+class LoraTuneKTOTrainer(_Preference, KTOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if not self.calculate_KL:
             return dataset

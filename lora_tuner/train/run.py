@@ -25,7 +25,7 @@ from ..model.lora_function import fused_lora_layers
 from ..model.packing_check import packing_is_isolated
 from ..model.source import check_base_source
 from ..model.tokenizer import load_tokenizer
-from ..preflight import check_environment, check_model_fit
+from ..preflight import check_environment, check_init_adapter, check_model_fit
 from ..run_folder import RunFolder, RunManifest
 from .checkpoints import Interrupted, StopOnSignal, completed, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
@@ -75,6 +75,7 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     folder.check_free(force, resume)  # read-only checks run on every rank, so all ranks stop on bad input
     check_base_source(recipe.model, source)
     check_environment(recipe, source)
+    check_init_adapter(recipe, source)
     recipe, fast_path = resolve_fast_path(recipe, source)
     work = RunFolder(folder.partial)
     checkpoint = resume_point(work, dump_recipe(recipe), source, log) if resume else None
