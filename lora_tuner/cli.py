@@ -403,28 +403,78 @@ def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key,
 
     if not adapters and not base:
         raise fail("serve", "--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL")
-    if api_key is not None and not api_key.strip():
-        raise fail("serve", "--api-key", "the key is empty, which would let anyone in", "give a real key")
     max_body = sizes.parse(max_body, "serve", "--max-body")
-    with socket.socket() as probe:  # before minutes of loading, and in one line (uvicorn exits 3 with its own)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise fail("serve", "--port", f"{host}:{port} cannot be used ({exc.strerror})",
-                       "choose another --port, or stop what listens there") from None
-    try:
-        import uvicorn
+    uvicorn = _server_checks("serve", host, port, api_key)
+    from .serve.openai_api import create_app
 
-        from .serve.openai_api import create_app
-    except ImportError as exc:
-        raise fail("serve", "(packages)", f"{exc.name} is not installed",
-                   "pip install 'lora-tune[serve]' (FastAPI and uvicorn)") from None
     pool = _pool(adapters, base, max_loaded)
     app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch, max_body=max_body,
                      adapter_root=Path(adapter_root) if adapter_root else None)
     served = ", ".join([f"{base_name} (the bare base)", *pool.names])
     click.echo(f"serving {served} on http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _server_checks(command: str, host: str, port: int, api_key: str | None):
+    """What `serve` and `ui` refuse before minutes of loading, each in one line; returns uvicorn."""
+    if api_key is not None and not api_key.strip():
+        raise fail(command, "--api-key", "the key is empty, which would let anyone in", "give a real key")
+    with socket.socket() as probe:  # uvicorn would exit 3 with its own lines
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise fail(command, "--port", f"{host}:{port} cannot be used ({exc.strerror})",
+                       "choose another --port, or stop what listens there") from None
+    try:
+        import fastapi  # noqa: F401  (the serve extra)
+        import uvicorn
+    except ImportError as exc:
+        raise fail(command, "(packages)", f"{exc.name} is not installed",
+                   "pip install 'lora-tune[serve]' (FastAPI and uvicorn)") from None
+    return uvicorn
+
+
+@main.command()
+@click.argument("root", default="adapters")
+@click.option("--base", help="Base model the playground loads (default: the first finished run's base); runs on "
+              "other bases are listed but not served.")
+@click.option("--base-name", default="base", show_default=True, help="The name the bare base goes by.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="LORA_TUNE_API_KEY", help="Require this key (the page asks for it once).")
+@user_errors
+def ui(root, base, base_name, host, port, api_key):
+    """A local page over ROOT's run folders: every run and its state, live loss curves, the resolved recipe, fast
+    path, dropped rows and evaluation; runs compared on one chart; and a playground where the base and each adapter
+    answer one prompt side by side, streamed. Needs the serve extra: pip install 'lora-tune[serve]'.
+
+    \b
+    Examples:
+      lora-tune ui                      # adapters/, at http://127.0.0.1:8080
+      lora-tune ui runs/ --port 9000 --api-key s3cret
+    """
+    from .adapters.compat import adapter_name, same_base
+    from .ui.runs import run_folders
+
+    folder = Path(root)
+    if not folder.is_dir():
+        raise fail("ui", "ROOT", f"{root!r} is not a folder", "point at the folder that holds run folders (adapters/)")
+    uvicorn = _server_checks("ui", host, port, api_key)
+    from .ui.app import create_ui_app
+
+    finished = [run for run in run_folders(folder).values() if run.is_run]
+    if not base and not finished:
+        raise fail("ui", "ROOT", f"{root!r} holds no finished run to take the playground's base from",
+                   "pass --base MODEL, or train a run first")
+    base = base or finished[0].base_model()
+    pool = _pool((), base)
+    for run in finished:
+        if same_base(run.base_model(), base):
+            pool.add(adapter_name(run.path), run.path)
+    click.echo(f"lora-tune ui on http://{host}:{port}/ ({len(finished)} finished runs, {len(pool.names)} served on "
+               f"{base}); Ctrl-C stops", err=True)
+    uvicorn.run(create_ui_app(folder, pool, base_name=base_name, api_key=api_key), host=host, port=port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ AdapterPool read it; nothing else names its files.
     checkpoints/       sealed Trainer checkpoints     tensorboard/   event files
     base-model/        the random base, for model.init: random
     eval.json, eval.md written by `lora-tune eval`
+    process.json       while a run trains: its process, locked (flock) until it ends, however it ends
 """
+import fcntl
 import json
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -88,7 +92,7 @@ class RunFolder:
     ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
     RECIPE, MANIFEST, METRICS, VALIDATION = "recipe.yaml", "run.json", "metrics.jsonl", "validation.jsonl"
     PLOT, TENSORBOARD, CHECKPOINTS, BASE_MODEL = "loss.png", "tensorboard", "checkpoints", "base-model"
-    EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+    EVAL_JSON, EVAL_MD, PROCESS = "eval.json", "eval.md", "process.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -198,6 +202,33 @@ class RunFolder:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # the training process
+    @contextmanager
+    def training(self):
+        """Held while a run trains: process.json names the process and stays locked until the block ends, or the
+        process dies (the kernel drops the lock even on SIGKILL), so `is_training` needs no guess about stale pids."""
+        path = self.path / self.PROCESS
+        with path.open("w", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+
+    @property
+    def is_training(self) -> bool:
+        """Whether a process on this machine is training this run now (its process.json is locked)."""
+        try:
+            with (self.path / self.PROCESS).open("rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            return False
+        except BlockingIOError:
+            return True
+        return False
 
     # checkpoints
     def newest_sealed_checkpoint(self, log: Callable[[str], None]) -> Path | None:

@@ -353,6 +353,10 @@ CASES = {
         ["memory", "in memory needs about", "4-bit"]),
     "memory-budget-not-a-size": (lambda c: c.budget("lots", c.merge(adapter_for(c.base("llama"), c.tmp / "adapter"))),
                                  ["LORA_TUNE_MEMORY", "'lots' is not a size"]),
+    # lora-tune ui
+    "ui-root-not-a-folder": (lambda c: ["ui", c.alpaca, "--port", "0"], ["ROOT", "is not a folder", "adapters/"]),
+    "ui-nothing-finished": (lambda c: ["ui", str(c.tmp), "--port", "0"], ["ROOT", "no finished run", "--base"]),
+    "ui-empty-key": (lambda c: ["ui", str(c.tmp), "--port", "0", "--api-key", " "], ["--api-key", "empty"]),
 }
 
 

@@ -44,7 +44,7 @@ def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> 
     config = run.adapter_config()
     _check_config(config, source)
     trained_on = run.manifest().base_model.name_or_path if run.is_run else None
-    if trained_on and base_id and not _same_base(trained_on, base_id):
+    if trained_on and base_id and not same_base(trained_on, base_id):
         raise fail(source, "base", f"the adapter was trained on {trained_on!r}, the pool holds {base_id!r}",
                    "load the pool on the adapter's base (its run.json says which)")
     modules = dict(model.named_modules())
@@ -110,7 +110,10 @@ def _check_weight(key: str, shape: list[int], modules: dict, source: str, base_i
                    f"{in_features}->{out_features}", "this adapter belongs to a base of another size")
 
 
-def _same_base(a: str, b: str) -> bool:
+def same_base(a: str | None, b: str) -> bool:
+    """Two names of one base: the same folder, or the same hub id."""
+    if a is None:
+        return False
     if Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
     return a == b

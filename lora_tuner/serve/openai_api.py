@@ -174,6 +174,8 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
             raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
                            kind="authentication_error")
 
+    app.state.authorize = authorize  # routes added on top (`lora-tune ui`) take the same key
+
     def fits_context(text: str, param: str) -> str:
         """Refused before it is tokenized when it cannot fit: a huge prompt would hold a worker for seconds."""
         if context is not None and len(text) > context * longest_token:

@@ -90,8 +90,9 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
                 folder.start()
                 work.write_recipe(recipe)
                 work.write_validation(data.eval or data.train, held_out=bool(data.eval))
-        model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks,
-                                 list(callbacks))
+        with work.training() if ranks.is_main_process else nullcontext():
+            model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks,
+                                     list(callbacks))
     except (UserError, KeyboardInterrupt) as stopped:
         newest = work.newest_sealed_checkpoint(_quiet) if work.path.exists() else None
         if ranks.is_main_process and not resume and newest is None:
