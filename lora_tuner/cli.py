@@ -466,13 +466,12 @@ def ui(root, base, base_name, host, port, api_key):
     if not base and not finished:
         raise fail("ui", "ROOT", f"{root!r} holds no finished run to take the playground's base from",
                    "pass --base MODEL, or train a run first")
-    base = base or finished[0].base_model()
-    pool = _pool((), base)
+    pool = _pool((), base or str(finished[0].path))  # a run folder: its base, loaded with the run's tokenizer
     for run in finished:
-        if same_base(run.base_model(), base):
+        if same_base(run.base_model(), pool.base_id):
             pool.add(adapter_name(run.path), run.path)
     click.echo(f"lora-tune ui on http://{host}:{port}/ ({len(finished)} finished runs, {len(pool.names)} served on "
-               f"{base}); Ctrl-C stops", err=True)
+               f"{pool.base_id}); Ctrl-C stops", err=True)
     uvicorn.run(create_ui_app(folder, pool, base_name=base_name, api_key=api_key), host=host, port=port,
                 log_level="warning")
 

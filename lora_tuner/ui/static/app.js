@@ -50,6 +50,10 @@ function share(value) {
   return value == null ? "" : `${(100 * value).toFixed(1)}%`;
 }
 
+function shortPath(path) {  // a base's last two path parts (a hub id stays whole); the full path on hover
+  return path.split("/").slice(-2).join("/");
+}
+
 function showError(error) {
   view.replaceChildren(el("p", {class: "error", text: String(error.message || error)}));
 }
@@ -143,7 +147,7 @@ async function runsView() {
       el("td", {class: "text"}, el("a", {href: `#/run/${encodeURIComponent(run.name)}`, text: run.name})),
       el("td", {class: "text"}, el("span", {class: `state ${run.state}`, text: run.state})),
       el("td", {class: "text", text: run.method}),
-      el("td", {class: "text", text: run.base}),
+      el("td", {class: "text", title: run.base, text: shortPath(run.base)}),
       el("td", {text: run.max_steps ? `${run.steps} / ${run.max_steps}` : run.steps}),
       el("td", {text: number(run.tokens_per_s, 0)}),
       el("td", {"data-key": "train_loss", text: number(run.train_loss)}),
