@@ -67,6 +67,29 @@ def random_adapter(base_model, folder, **lora):
     return peft_model
 
 
+def pooled_rows_match_fresh_models(base: str, folders: dict, prompt: str) -> torch.Tensor:
+    """One mixed batch through an AdapterPool holding `folders` (name -> adapter folder): a row per adapter and one
+    for the bare base, each asserted equal to a freshly loaded model's logits. Returns the batch's logits."""
+    from peft import PeftModel
+
+    from lora_tuner import AdapterPool
+
+    pool = AdapterPool(str(base), dtype="float32")
+    for name, folder in folders.items():
+        pool.add(name, folder)
+    rows = [*folders, None]
+    ids = pool.tokenizer([prompt] * len(rows), return_tensors="pt")
+    with torch.no_grad():
+        mixed = pool.model(**ids, adapter_names=[name or "__base__" for name in rows]).logits
+    for i, name in enumerate(rows):
+        fresh = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        fresh = PeftModel.from_pretrained(fresh, folders[name]) if name else fresh
+        with torch.no_grad():
+            alone = fresh.eval()(input_ids=ids["input_ids"][i:i + 1]).logits[0]
+        assert (mixed[i] - alone).abs().max() < 1e-4, name
+    return mixed
+
+
 def recipe_dict(base: str, data_path: str, **sections) -> dict:
     """A small, fast recipe; keyword arguments replace keys inside sections."""
     recipe = {

@@ -30,9 +30,23 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def as_from_a_shell() -> None:
+    """In the child before it runs: SIGINT at its default and unblocked, as a shell starts a command, whatever this
+    pytest process carries (a child inherits ignored and blocked signals; a Python started with SIGINT ignored never
+    raises KeyboardInterrupt, which made the Ctrl-C tests fail only inside the full suite)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def start_run(out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lora_tuner.cli", "run", DEMO, "--output", str(out), *SHORT],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_shell)
+
+
+def signal_masks(pid: int) -> str:
+    """The child's ignored / blocked / caught signal masks (/proc), for a failure message."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return " ".join(line for line in status.splitlines() if line.startswith(("SigIgn", "SigBlk", "SigCgt")))
 
 
 def wait_for_checkpoint(process: subprocess.Popen, out: Path, step: int) -> None:
@@ -150,9 +164,11 @@ def test_ctrl_c_while_the_model_loads_exits_130_and_leaves_nothing(tmp_path):
     while not partial.exists():  # the run folder is created after the data is checked, before the model loads
         assert process.poll() is None, process.stderr.read()[-2000:]  # waits on the run, however busy the machine
         time.sleep(0.01)
+    masks = signal_masks(process.pid)
     process.send_signal(signal.SIGINT)  # often lands while the recipe and rows are written into the new folder
     _, stderr = process.communicate(timeout=600)  # a hang guard only
-    assert process.returncode == 130, stderr[-2000:]
+    assert process.returncode == 130, f"{masks} (parent: SIGINT {signal.getsignal(signal.SIGINT)}, blocked " \
+        f"{signal.pthread_sigmask(signal.SIG_BLOCK, [])})\n{stderr[-2000:]}"
     assert "Traceback" not in stderr and "Aborted" not in stderr
     assert not partial.exists() and not out.exists()
 

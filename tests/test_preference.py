@@ -6,14 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from peft import PeftModel
 from click.testing import CliRunner
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
-from conftest import recipe_dict, write_recipe
-from lora_tuner import AdapterPool, load_recipe, merge, run
+from conftest import pooled_rows_match_fresh_models, recipe_dict, write_recipe
+from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
 from lora_tuner.config.loader import load_recipe as load
 from lora_tuner.data.demo_tasks import demo_preferences
@@ -41,10 +38,10 @@ def sft_run(tiny_base, alpaca_file, tmp_path_factory):
     return run(load(write_recipe(folder, recipe)), output=str(folder / "sft"))
 
 
-def dpo_recipe(folder, base, pairs, sft_folder=None, **train):
+def dpo_recipe(folder, base, pairs, sft_folder=None, sections=None, **train):
     recipe = recipe_dict(base, pairs, data={"validation_size": 40},
                          train={"method": "dpo", "max_steps": 30, "eval_steps": 30, "save_steps": 30, **train},
-                         **({"init": {"adapter": str(sft_folder)}} if sft_folder else {}))
+                         **({"init": {"adapter": str(sft_folder)}} if sft_folder else {}), **(sections or {}))
     return load(write_recipe(folder, recipe))
 
 
@@ -60,7 +57,8 @@ def first_eval_loss(result) -> float:
 
 def test_the_demo_learns_a_preference_its_sft_data_never_taught(tmp_path):
     """The bundled demo, by name: held-out preference accuracy from 50% (the base is its own reference) to >= 90%."""
-    recipe = load_recipe("demo-tiny-dpo", [f"output.root={tmp_path}", "train.max_steps=40"])
+    recipe = load_recipe("demo-tiny-dpo", [f"output.root={tmp_path}", "train.max_steps=30", "data.limit=500",
+                                           "data.validation_size=50"])
     result = run(recipe)
     assert abs(result.manifest.loss.eval_start - LN2) < 1e-5  # a fresh adapter is the base: the reference
     report = evaluate(result.folder)
@@ -68,7 +66,7 @@ def test_the_demo_learns_a_preference_its_sft_data_never_taught(tmp_path):
     print(report.table())
     assert scores["base"].preference_accuracy == 0.5 and scores["base"].reward_margin == 0
     assert scores["base + adapter"].preference_accuracy >= 0.9 and scores["base + adapter"].reward_margin > 0
-    assert report.pairs == 100 and report.held_out
+    assert report.pairs == 50 and report.held_out
     assert any("adapters disabled" in note for note in result.manifest.fast_path)
 
 
@@ -98,22 +96,19 @@ def test_a_dpo_run_merges_verified_and_pools_beside_its_sft_start(dpo_run, sft_r
     report = merge(dpo_run.folder, tmp_path / "merged")  # default settings: verified on the held-out chosen replies
     assert report.verification.passed and report.verification.held_out
 
-    base = tiny_base("llama")
-    pool = AdapterPool(base, dtype="float32")
-    pool.add("sft", sft_run.folder)
-    pool.add("dpo", dpo_run.folder)
-    ids = pool.tokenizer(["Reverse the word."] * 3, return_tensors="pt")
-    rows = ["sft", "dpo", None]
-    with torch.no_grad():
-        mixed = pool.model(**ids, adapter_names=[name or "__base__" for name in rows]).logits
-    for i, name in enumerate(rows):
-        fresh = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        if name:
-            fresh = PeftModel.from_pretrained(fresh, {"sft": sft_run.folder, "dpo": dpo_run.folder}[name])
-        with torch.no_grad():
-            alone = fresh.eval()(input_ids=ids["input_ids"][i:i + 1]).logits[0]
-        assert (mixed[i] - alone).abs().max() < 1e-4, name
+    mixed = pooled_rows_match_fresh_models(tiny_base("llama"), {"sft": sft_run.folder, "dpo": dpo_run.folder},
+                                           "Reverse the word.")
     assert (mixed[0] - mixed[1]).abs().max() > 1e-3  # DPO changed the SFT adapter's answers
+
+
+def test_dpo_on_a_4bit_base_measures_against_that_base_with_no_copy(tiny_base, pairs_file, tmp_path):
+    """QLoRA + DPO: the reference is the 4-bit base itself, adapters disabled (loss ln 2 before the first step)."""
+    recipe = dpo_recipe(tmp_path, tiny_base("llama"), pairs_file, max_steps=12, sections={"quantization": {"mode": "4bit"}})
+    result = run(recipe, output=str(tmp_path / "qlora-dpo"))
+    loss = result.manifest.loss
+    assert abs(loss.eval_start - LN2) < 1e-5 and loss.eval < loss.eval_start - 0.1
+    assert any("adapters disabled" in note for note in result.manifest.fast_path)
+    assert result.manifest.base_model.quantization.mode == "4bit"
 
 
 def test_kto_learns_from_the_pairs_as_unpaired_rows(tiny_base, pairs_file, tmp_path):
@@ -166,17 +161,18 @@ def test_unusable_pairs_are_dropped_and_counted(tmp_path, tiny_base, pairs_file)
 def test_a_killed_dpo_run_resumes_to_the_same_adapter(tmp_path):
     from test_crash_safety import adapter, max_diff, wait_for_checkpoint
 
-    short = ["--set", "train.max_steps=20", "--set", "train.save_steps=10", "--set", "train.eval_steps=100"]
+    short = ["--set", "train.max_steps=12", "--set", "train.save_steps=6", "--set", "train.eval_steps=100",
+             "--set", "data.limit=300", "--set", "data.validation_size=16"]
     whole = CliRunner().invoke(main, ["run", "demo-tiny-dpo", "--output", str(tmp_path / "whole"), *short])
     assert whole.exit_code == 0, whole.output
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "lora_tuner.cli", "run", "demo-tiny-dpo", "--output", str(out),
                                 *short], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(process, out, 10)
+    wait_for_checkpoint(process, out, 6)
     process.kill()
     process.wait()
     resumed = CliRunner().invoke(main, ["run", "demo-tiny-dpo", "--output", str(out), *short, "--resume"])
-    assert resumed.exit_code == 0 and "resume: continuing from checkpoint-10" in resumed.output, resumed.output
+    assert resumed.exit_code == 0 and "resume: continuing from checkpoint-6" in resumed.output, resumed.output
     assert max_diff(adapter(out), adapter(tmp_path / "whole")) <= 1e-6
 
 

@@ -10,9 +10,9 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED
+from conftest import SHARED, pooled_rows_match_fresh_models
 from gguf import GGUFReader
-from lora_tuner import AdapterPool, load_recipe, merge, run
+from lora_tuner import load_recipe, merge, run
 from lora_tuner.eval.evaluate import evaluate
 from lora_tuner.export.gguf_export import export_gguf
 from lora_tuner.model.dtypes import native_dtype
@@ -145,20 +145,8 @@ def test_pool_mixed_batch_equals_fresh_models(smollm2, lora_run, tmp_path):
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2),
                            LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     other.save_pretrained(tmp_path / "other")
-    pool = AdapterPool(str(smollm2), dtype="float32")
-    pool.add("trained", lora_run.folder)
-    pool.add("other", tmp_path / "other")
-    ids = pool.tokenizer(["Name three primary colours."] * 3, return_tensors="pt")
-    rows = ["trained", "other", None]
-    with torch.no_grad():
-        mixed = pool.model(**ids, adapter_names=[name or "__base__" for name in rows]).logits
-    for i, name in enumerate(rows):
-        base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-        fresh = PeftModel.from_pretrained(base, lora_run.folder if name == "trained" else tmp_path / "other") \
-            if name else base
-        with torch.no_grad():
-            alone = fresh.eval()(input_ids=ids["input_ids"][i:i + 1]).logits[0]
-        assert (mixed[i] - alone).abs().max() < 1e-4, name
+    mixed = pooled_rows_match_fresh_models(smollm2, {"trained": lora_run.folder, "other": tmp_path / "other"},
+                                           "Name three primary colours.")
     assert (mixed[0] - mixed[2]).abs().max() > 0.1 and (mixed[1] - mixed[2]).abs().max() > 0.1  # adapters matter
 
 
@@ -168,8 +156,8 @@ def test_the_bundled_dpo_recipe_runs_from_the_sft_adapter_and_exports(smollm2, l
     accuracy starts at 50% (the SFT adapter is the reference) and rises; the result merges (verified, default
     settings) and exports to a q8_0 GGUF that llama.cpp loads, like an SFT run."""
     recipe = load_recipe("smollm2-135m-dpo", [
-        f"model.name_or_path={smollm2}", f"init.adapter={lora_run.folder}", f"data.path={ALPACA}", "data.limit=120",
-        "data.validation_size=16", "data.max_length=128", "train.max_steps=6", "train.learning_rate=1e-3",
+        f"model.name_or_path={smollm2}", f"init.adapter={lora_run.folder}", f"data.path={ALPACA}", "data.limit=100",
+        "data.validation_size=12", "data.max_length=128", "train.max_steps=6", "train.learning_rate=1e-3",
         "train.eval_steps=100", "train.report_to=[]", f"output.root={tmp_path}"])
     result = run(recipe)
     report = evaluate(result.folder)

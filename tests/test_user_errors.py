@@ -94,6 +94,9 @@ CASES = [
     ("dpo-negative-beta", lambda t, b, a: dpo(t, b, a, train={"dpo": {"beta": -1}}), ["train.dpo.beta", "-1"]),
     ("dpo-alpaca-columns", lambda t, b, a: dpo(t, b, a),
      ["data.format", "'preference' needs columns ['prompt', 'chosen', 'rejected']", "'instruction'"]),
+    ("dpo-columns-of-another-format", lambda t, b, a: dpo(t, b, a, data={"path": rows(t, [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}] * 3)}),
+     ["data.format", "'preference' needs columns", "set data.format: hh (it reads these rows)"]),
     ("init-adapter-not-an-adapter", lambda t, b, a: good(t, b, a, init={"adapter": str(t)}),
      ["init.adapter", "holds no adapter_config.json"]),
     ("init-adapter-other-rank", lambda t, b, a: good(t, b, a, init={"adapter": fake_adapter(t, 4)}),

@@ -24,6 +24,7 @@ class DataFormat:
     # (a user's instruction, prompt template) -> the prompt training would build for it (generation, eval)
     prompt_for: Callable[[str, object], str | list]
     kind: str = "sft"  # the rows it makes: sft, pairs or unpaired (METHOD_KINDS says which methods train on them)
+    by_rule: bool = False  # pairs made from SFT rows by a fixed rule: never suggested for rows that fit its columns
 
 
 # What each train.method trains on; KTO takes pairs too, as one desirable and one undesirable row each.
@@ -160,13 +161,14 @@ def _chat_example(row: dict, template) -> dict | str:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def _pairs(name: str, doc: str, columns: tuple[str, ...], to_example, chat: bool, kind: str = "pairs") -> DataFormat:
+def _pairs(name: str, doc: str, columns: tuple[str, ...], to_example, chat: bool, kind: str = "pairs",
+           by_rule: bool = False) -> DataFormat:
     """A preference format: instruction prompts (chat: False) render with data.template as alpaca's do."""
     if chat:
         return DataFormat(name, doc, columns, to_example, lambda template, bos: None,
-                          lambda text, template: [{"role": "user", "content": text}], kind)
+                          lambda text, template: [{"role": "user", "content": text}], kind, by_rule)
     return DataFormat(name, doc, columns, to_example, _instruction_chat_template,
-                      lambda text, template: render(template, text, ""), kind)
+                      lambda text, template: render(template, text, ""), kind, by_rule)
 
 
 FORMATS = {f.name: f for f in (
@@ -182,7 +184,8 @@ FORMATS = {f.name: f for f in (
     _pairs("hh", "Anthropic HH-RLHF: chosen / rejected Human/Assistant transcripts differing in the last reply",
            ("chosen", "rejected"), _hh_pair, chat=True),
     _pairs("alpaca-cut", "alpaca rows as pairs by a fixed rule: chosen the output, rejected it cut after half its "
-           "words (a mechanical check of preference tuning)", ("instruction", "output"), _cut_pair, chat=False),
+           "words (a mechanical check of preference tuning)", ("instruction", "output"), _cut_pair, chat=False,
+           by_rule=True),
     _pairs("kto", "prompt / input (optional) / completion / label (true: desirable), unpaired", ("prompt",
            "completion", "label"), _labelled, chat=False, kind="unpaired"),
 )}
