@@ -21,6 +21,7 @@ from lora_tuner.eval.evaluate import evaluate
 from lora_tuner.model.tokenizer import byte_tokenizer
 from lora_tuner.run_folder import RunFolder
 
+pytestmark = pytest.mark.slow  # trains models: the full tier
 LN2 = math.log(2)  # DPO's loss while the policy equals its reference
 
 
