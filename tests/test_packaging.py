@@ -26,6 +26,9 @@ def test_the_wheel_in_a_fresh_virtualenv_lists_and_validates_recipes(tmp_path):
     where = subprocess.run([python, "-c", "import lora_tuner; print(lora_tuner.__file__)"], capture_output=True,
                            text=True, check=True, cwd=tmp_path).stdout
     assert where.startswith(str(venv)), where  # not this checkout
+    page = subprocess.run([python, "-c", "from lora_tuner.ui.app import STATIC; print(sorted(p.name for p in "
+                           "STATIC.iterdir()))"], capture_output=True, text=True, cwd=tmp_path)
+    assert page.stdout.strip() == "['app.js', 'index.html', 'style.css']", page.stderr[-2000:]  # `lora-tune ui`'s page
 
     listed = subprocess.run([venv / "bin" / "lora-tune", "recipes"], capture_output=True, text=True, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr[-2000:]
