@@ -176,3 +176,25 @@ def test_the_playground_answers_as_the_pool_does(page, site, tmp_path):
     assert answers["loud"] and answers["loud"] != answers["base"]  # an adapter that changes the answer, shown as is
     page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
     print(json.dumps({"screenshots": str(tmp_path)}))
+
+
+# (path, status, fragment of the error message): each answered in OpenAI's error shape, the server unharmed
+HOSTILE = [
+    ("/ui/api/runs/nosuch", 404, "no run 'nosuch'"),
+    ("/ui/api/runs/..%2F..%2Fetc", 404, "no such path"),
+    ("/ui/api/runs/.alpha.partial", 404, "no run"),
+    ("/ui/api/runs/alpha/metrics?since=abc", 400, "since"),
+    ("/ui/static/..%2F..%2Fapp.py", 404, "no such path"),
+    ("/v1/nothing", 404, "GET /v1/nothing: no such path"),
+    ("/ui/static/index.html", 404, "no file"),  # the page is served at / only
+]
+
+
+@pytest.mark.parametrize("path,status,fragment", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_get_one_clear_error(site, path, status, fragment):
+    answer = httpx.get(site["url"] + path, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == status, answer.text
+    assert fragment in answer.json()["error"]["message"]
+    assert httpx.get(site["url"] + "/ui/api/runs/alpha/metrics?since=-5",
+                     headers={"Authorization": f"Bearer {KEY}"}).json()["count"] == len(metrics(
+                         site["runs"]["alpha"].folder))  # and the next request is answered as before

@@ -13,6 +13,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -148,6 +149,12 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Unknown paths and methods, in the same error shape as everything else."""
+        what = "no such path" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {what}").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
