@@ -1,5 +1,7 @@
 """The `lora-tune` command: a thin click shell over the Python API. User errors exit 2 with one line each."""
+import atexit
 import logging
+import signal
 import socket
 import sys
 import warnings
@@ -27,8 +29,22 @@ def user_errors(command):
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("stopped by Ctrl-C; nothing unfinished was put in place", err=True)
-            sys.exit(130)
+            exit_after_a_stop(130)
     return wrapper
+
+
+def exit_after_a_stop(code: int) -> None:
+    """Exit once a stop is handled: what had to be saved is saved, so a further Ctrl-C or SIGTERM while Python shuts
+    down is ignored rather than printed as a traceback from its exit handlers (torch frees its libraries there).
+    Ignored from the first exit handler on (the last registered runs first), so a command run in-process (tests'
+    CliRunner) leaves the caller's signal handling as it was."""
+    atexit.register(_ignore_stops)
+    sys.exit(code)
+
+
+def _ignore_stops() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def quiet_known_noise() -> None:
@@ -79,7 +95,7 @@ def run(recipe, output, overrides, force, resume):
         again = " ".join(["lora-tune run", recipe, *(f"--set {o}" for o in overrides),
                           *(["--output", output] if output else []), "--resume"])
         click.echo(f"{stop}. Continue with:\n  {again}", err=True)
-        sys.exit(128 + stop.signum)
+        exit_after_a_stop(128 + stop.signum)
     if result.manifest:  # empty on ranks other than 0 under torchrun / accelerate launch
         click.echo(result.summary())
 
