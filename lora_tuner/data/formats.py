@@ -38,7 +38,15 @@ def _instruction_format(name: str, instruction: str, context: str, response: str
                            "completion": row[response]}
 
     return DataFormat(name, f"{instruction} / {context} (optional) / {response}", (instruction, response), to_example,
-                      _instruction_chat_template, lambda text, template: render(template, text, ""))
+                      _instruction_chat_template, _instruction_prompt)
+
+
+def _instruction_prompt(text: str, template) -> str:
+    return render(template, text, "")
+
+
+def _user_message(text: str, template) -> list:
+    return [{"role": "user", "content": text}]
 
 
 def _strings(row: dict, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> str | None:
@@ -161,22 +169,24 @@ def _chat_example(row: dict, template) -> dict | str:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
+def _own_chat_template(template, bos: bool) -> None:
+    """Chat formats keep the tokenizer's own chat template."""
+    return None
+
+
 def _pairs(name: str, doc: str, columns: tuple[str, ...], to_example, chat: bool, kind: str = "pairs",
            by_rule: bool = False) -> DataFormat:
     """A preference format: instruction prompts (chat: False) render with data.template as alpaca's do."""
     if chat:
-        return DataFormat(name, doc, columns, to_example, lambda template, bos: None,
-                          lambda text, template: [{"role": "user", "content": text}], kind, by_rule)
-    return DataFormat(name, doc, columns, to_example, _instruction_chat_template,
-                      lambda text, template: render(template, text, ""), kind, by_rule)
+        return DataFormat(name, doc, columns, to_example, _own_chat_template, _user_message, kind, by_rule)
+    return DataFormat(name, doc, columns, to_example, _instruction_chat_template, _instruction_prompt, kind, by_rule)
 
 
 FORMATS = {f.name: f for f in (
     _instruction_format("alpaca", "instruction", "input", "output"),
     _instruction_format("dolly", "instruction", "context", "response"),
     DataFormat("chat", "messages (role/content), rendered with the tokenizer's chat template; the last assistant "
-               "turn is trained", ("messages",), _chat_example, lambda template, bos: None,
-               lambda text, template: [{"role": "user", "content": text}]),
+               "turn is trained", ("messages",), _chat_example, _own_chat_template, _user_message),
     _pairs("preference", "prompt / input (optional) / chosen / rejected strings; the prompt renders with data.template "
            "as alpaca's instruction", ("prompt", "chosen", "rejected"), _preference_pair, chat=False),
     _pairs("preference-chat", "TRL's conversational pairs: chosen / rejected message lists, with a prompt list or "

@@ -64,7 +64,7 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
     raw = read_rows(data.path, data.limit, source)
     if not raw.rows:
         raise fail(source, "data.path", f"{data.path!r} holds no rows", "point data.path at a non-empty data set")
-    kind = FORMATS[data.format].kind
+    kind = data_format.kind
     rows, dropped, template = [], defaultdict(list), resolve(data.template)
     for number, item in enumerate(raw.rows, start=1):
         example = data_format.to_example(item, template) if isinstance(item, dict) else \
@@ -85,11 +85,11 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
                    "fix those rows or set data.bad_rows: drop")
     train, validation = _split(rows, recipe, source)
     if recipe.train.method == "kto" and kind == "pairs":  # KTO trains on each reply alone; validation keeps the pairs
-        train = [unpaired for row in train for unpaired in _unpaired(row)]
+        train = [one for row in train for one in unpaired(row)]
     return PreparedData(train, validation, raw.sha256, len(raw.rows), dict(dropped))
 
 
-def _unpaired(row: Row) -> list[Row]:
+def unpaired(row: Row) -> list[Row]:
     """A pair as KTO's two rows: the chosen reply desirable, the rejected one not."""
     prompt, pair = row.example["prompt"], row.tokens
     return [Row(row.number, {"prompt": prompt, "completion": row.example["chosen"], "label": True},

@@ -140,9 +140,9 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
 def _score_preferences(models: list[Scored], logps: dict[str, PairLogps], recipe) -> str:
     """Each model's preference accuracy and margin, rewards measured as the run measured them (its reference and
     beta); returns which reference that was."""
-    settings = getattr(recipe.train, recipe.train.method, None)
-    beta = settings.beta if settings is not None else 0.1  # an SFT run scored on pairs: DPO's usual beta
-    uses_start = recipe.init.adapter is not None and (settings is None or settings.reference == "start")
+    settings = getattr(recipe.train, recipe.train.method)  # only a preference run's rows hold pairs
+    beta = settings.beta
+    uses_start = recipe.init.adapter is not None and settings.reference == "start"
     reference = "start (init.adapter)" if uses_start else "base"
     for model in models:
         if model.name in logps:

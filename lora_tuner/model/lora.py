@@ -18,7 +18,7 @@ def lora_config(recipe: Recipe) -> LoraConfig:
     )
 
 
-def attach_lora(base: PreTrainedModel, recipe: Recipe, base_id: str | None = None, source: str = "recipe") -> PeftModel:
+def attach_lora(base: PreTrainedModel, recipe: Recipe, base_id: str | None = None) -> PeftModel:
     """base_id: the base as the run records it, which init.adapter must have been trained on."""
     if recipe.quantization.mode != "none":
         # Casts norms/embeddings to fp32 and enables input grads, which training a frozen quantized base needs.
@@ -26,12 +26,12 @@ def attach_lora(base: PreTrainedModel, recipe: Recipe, base_id: str | None = Non
             base, use_gradient_checkpointing=recipe.train.gradient_checkpointing
         )
     if recipe.init.adapter is not None:
-        return _start_adapter(base, recipe, base_id, source)
+        return _start_adapter(base, recipe, base_id)
     set_seed(recipe.train.seed)  # LoRA A is initialised randomly: same seed, same adapter
     return get_peft_model(base, lora_config(recipe))
 
 
-def _start_adapter(base: PreTrainedModel, recipe: Recipe, base_id: str | None, source: str) -> PeftModel:
+def _start_adapter(base: PreTrainedModel, recipe: Recipe, base_id: str | None) -> PeftModel:
     """init.adapter loaded trainable, after the checks AdapterPool makes: every weight fits this base, and the run it
     came from trained this base. (That the recipe's lora section describes it is checked before anything loads:
     preflight.check_init_adapter.)"""

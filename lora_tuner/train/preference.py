@@ -10,7 +10,7 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from ..config.schema import Recipe
-from ..data.prepare import PreparedData
+from ..data.prepare import PreparedData, unpaired
 from ..data.tokenize import TokenizedPair
 from ..run_folder import RunFolder
 from .arguments import trainer_arguments
@@ -85,14 +85,13 @@ def make_kto_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: Prepared
 
 
 def _unpaired(data: PreparedData):
-    """The validation rows as KTO's: pairs split into a desirable and an undesirable row."""
+    """The validation rows as KTO's: pairs split into a desirable and an undesirable row, as the training rows were
+    (prepare.py keeps validation paired, for eval's preference accuracy)."""
     if not data.eval or not isinstance(data.eval[0].tokens, TokenizedPair):
         return data.dataset("eval", False)
     from datasets import Dataset
 
-    pairs = [row.tokens for row in data.eval]
-    return Dataset.from_list([{"prompt_ids": pair.prompt_ids, "completion_ids": ids, "label": label}
-                              for pair in pairs for ids, label in ((pair.chosen_ids, True), (pair.rejected_ids, False))])
+    return Dataset.from_list([one.tokens.training_row(False) for row in data.eval for one in unpaired(row)])
 
 
 def _shared(recipe: Recipe, folder: RunFolder, data: PreparedData, fresh: bool) -> dict:

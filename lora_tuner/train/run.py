@@ -133,7 +133,7 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
         raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
                    f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
                    "set data.packing: false, or try another model.attn_implementation")
-    model = attach_lora(base, recipe, base_path, source)
+    model = attach_lora(base, recipe, base_path)
     if recipe.train.compile:
         compile_decoder_layers(model.get_base_model())
     trainer, progress = make_trainer(recipe, model, tokenizer, data, work, ranks, fresh=checkpoint is None)

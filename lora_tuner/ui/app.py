@@ -48,7 +48,8 @@ def create_ui_app(root: Path, pool: AdapterPool, base_name: str = "base", api_ke
     @app.get("/ui/api/runs/{name}/metrics", dependencies=authorized)
     async def run_metrics(name: str, since: int = 0):
         """Rows after the first `since`: the page polls this while a run trains (metrics.jsonl only grows)."""
-        rows = folder(name).metrics()
-        return {"rows": rows[max(since, 0):], "count": len(rows), "state": runs.state(folder(name))}
+        found = folder(name)
+        rows = found.metrics()
+        return {"rows": rows[max(since, 0):], "count": len(rows), "state": runs.state(found)}
 
     return app
