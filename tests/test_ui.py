@@ -145,8 +145,6 @@ def test_a_training_runs_chart_gains_points_without_a_reload(page, site, tmp_pat
 
 
 def test_compare_draws_the_runs_on_one_chart_with_their_evaluations(page, site, tmp_path):
-    page.goto(site["url"] + "/#/")
-    page.wait_for_selector("#runs tr[data-name]")
     for name in ("alpha", "beta"):
         page.check(f"#runs tr[data-name={name}] input[type=checkbox]")
     page.click("text=Compare selected")
@@ -198,3 +196,18 @@ def test_hostile_requests_get_one_clear_error(site, path, status, fragment):
     assert httpx.get(site["url"] + "/ui/api/runs/alpha/metrics?since=-5",
                      headers={"Authorization": f"Bearer {KEY}"}).json()["count"] == len(metrics(
                          site["runs"]["alpha"].folder))  # and the next request is answered as before
+
+
+def test_a_slow_view_never_draws_over_a_later_one(page, site):
+    held = []  # the run view's first request, answered only after the user has moved on to the playground
+    page.route("**/ui/api/runs/alpha", lambda route: held.append(route))
+    page.evaluate("location.hash = '#/run/alpha'")
+    while not held:
+        page.wait_for_timeout(50)
+    page.evaluate("location.hash = '#/playground'")
+    page.wait_for_selector("body[data-view=playground] #prompt")
+    with page.expect_response("**/ui/api/runs/alpha/metrics"):
+        held[0].continue_()
+    page.evaluate("new Promise((done) => setTimeout(done, 200))")  # the run view's last step: drawing, or not
+    assert page.locator("h2").first.inner_text() == "Playground"
+    assert page.locator("#prompt").count() == 1

@@ -5,6 +5,7 @@
 const view = document.getElementById("view");
 const COLORS = ["#2563c9", "#d9480f", "#2f7d4f", "#8e44ad", "#a86b00", "#0b7285", "#c2255c"];
 let stopPolling = () => {};
+let routes = 0;  // route() calls so far: a view whose data arrives after a later route() (a click) draws nothing
 
 // ---- the API, with the server's key when it asks for one
 function headers() {
@@ -161,8 +162,8 @@ async function runsView() {
     const chosen = [...table.querySelectorAll("input:checked")].map((box) => box.value);
     if (chosen.length) location.hash = `#/compare/${chosen.map(encodeURIComponent).join(",")}`;
   }});
-  view.replaceChildren(el("h2", {text: `Runs (${runs.length})`}), table, el("p", {}, compare),
-    el("p", {class: "muted", text: "Click a column to sort; a run's name for its curves, recipe and evaluation."}));
+  return {nodes: [el("h2", {text: `Runs (${runs.length})`}), table, el("p", {}, compare),
+    el("p", {class: "muted", text: "Click a column to sort; a run's name for its curves, recipe and evaluation."})]};
 }
 
 // ---- one run
@@ -187,7 +188,7 @@ async function runView(name) {
   const charts = el("div", {}, runCharts(rows));
   const stateLabel = el("span", {class: `state ${run.state}`, text: run.state});
   const dropped = Object.entries(run.dropped);
-  view.replaceChildren(
+  const nodes = [
     el("h2", {}, `${run.name} `, stateLabel),
     el("p", {class: "muted", text: `${run.method} on ${run.base}; step ${run.steps}` +
                                    (run.max_steps ? ` of ${run.max_steps}` : "")}),
@@ -203,8 +204,11 @@ async function runView(name) {
       el("li", {text: `${reason}: ${numbers.length} (rows ${numbers.slice(0, 10).join(", ")}` +
                       `${numbers.length > 10 ? ", ..." : ""})`})))
                    : el("p", {class: "muted", text: run.data ? "none" : "known when the run finishes"}),
-    el("h3", {text: "Recipe (resolved)"}), el("pre", {id: "recipe", text: run.recipe || ""}));
-  if (run.state !== "running") return;
+    el("h3", {text: "Recipe (resolved)"}), el("pre", {id: "recipe", text: run.recipe || ""})];
+  return {nodes, live: run.state === "running" ? () => pollMetrics(name, rows, charts, stateLabel) : null};
+}
+
+function pollMetrics(name, rows, charts, stateLabel) {
   const timer = setInterval(async () => {  // a live run: new metrics.jsonl rows, no reload
     try {
       const update = await api(`/ui/api/runs/${encodeURIComponent(name)}/metrics?since=${rows.length}`);
@@ -218,7 +222,7 @@ async function runView(name) {
       clearInterval(timer);
     }
   }, 1000);
-  stopPolling = () => clearInterval(timer);
+  return () => clearInterval(timer);
 }
 
 // ---- compare
@@ -227,12 +231,12 @@ async function compareView(names) {
   const metrics = await Promise.all(names.map((name) => api(`/ui/api/runs/${encodeURIComponent(name)}/metrics`)));
   const train = names.map((name, i) => series(metrics[i].rows, "loss", `${name} train`));
   const validation = names.map((name, i) => series(metrics[i].rows, "eval_loss", `${name} validation`));
-  view.replaceChildren(el("h2", {text: `Compare: ${names.join(", ")}`}),
+  return {nodes: [el("h2", {text: `Compare: ${names.join(", ")}`}),
     el("div", {class: "charts"}, chart("train loss", train, "compare_train"),
        chart("validation loss", validation, "compare_validation")),
     el("h3", {text: "Evaluation"}),
     el("div", {class: "columns"}, ...runs.map((run) => el("div", {"data-run": run.name},
-      el("h3", {text: run.name}), evalTable(run.eval_report)))));
+      el("h3", {text: run.name}), evalTable(run.eval_report))))]};
 }
 
 // ---- playground: one prompt, answered by the base and each chosen adapter side by side, streamed
@@ -254,13 +258,13 @@ async function playgroundView() {
       return column;
     }));
   }});
-  view.replaceChildren(el("h2", {text: "Playground"}),
+  return {nodes: [el("h2", {text: "Playground"}),
     el("p", {class: "muted", text: "Each adapter is prompted with its own training template, as `lora-tune serve` " +
                                     "prompts it; the base like the first adapter."}),
     prompt, el("p", {class: "controls", id: "models"}, ...boxes),
     el("p", {class: "controls"}, el("label", {}, "temperature ", temperature),
        el("label", {}, "max tokens ", maxTokens), ask),
-    answers);
+    answers]};
 }
 
 async function stream(model, text, temperature, maxTokens, out, column) {
@@ -296,13 +300,17 @@ async function stream(model, text, temperature, maxTokens, out, column) {
 async function route() {
   stopPolling();
   stopPolling = () => {};
+  const mine = ++routes;
   const [, page, arg] = location.hash.match(/^#\/?([^/]*)\/?(.*)$/) || [null, "", ""];
   try {
-    if (page === "run") await runView(decodeURIComponent(arg));
-    else if (page === "compare") await compareView(arg.split(",").map(decodeURIComponent));
-    else if (page === "playground") await playgroundView();
-    else await runsView();
+    const shown = await (page === "run" ? runView(decodeURIComponent(arg))
+      : page === "compare" ? compareView(arg.split(",").map(decodeURIComponent))
+      : page === "playground" ? playgroundView() : runsView());
+    if (mine !== routes) return;
+    view.replaceChildren(...shown.nodes);
+    if (shown.live) stopPolling = shown.live();
   } catch (error) {
+    if (mine !== routes) return;
     showError(error);
   }
   document.body.setAttribute("data-view", page || "runs");
