@@ -1,12 +1,27 @@
 """lora-tune's own LoRA layer (model/lora_function.py) against peft's: the same outputs and gradients, in float32 to
 1e-6 and in bfloat16 within its rounding, with dropout drawing the same mask; and only where it applies."""
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import CONFIGS
-from lora_tuner.model.lora_function import fused_lora_layers, fusable
+from lora_tuner.model.lora_function import dropout_keep, fused_lora_layers, fusable
+
+
+class SameMaskDropout(torch.nn.Module):
+    """Dropout for peft's own path that draws its masks as lora-tune's layer does, so both can be compared exactly."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep, p = dropout_keep(x.shape, self.p, x.device)
+        return x * keep.to(x.dtype).div_(1 - p)  # as torch's dropout scales its mask
+
 
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -46,7 +61,15 @@ def relative(found: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_in_float32_it_computes_what_peft_computes(dropout):
     model = peft_model(torch.float32, dropout)
+    dropouts = {name: module.lora_dropout["default"] for name, module in model.named_modules() if fusable(module)}
+    if dropout:
+        for name, module in model.named_modules():
+            if fusable(module):
+                module.lora_dropout["default"] = SameMaskDropout(dropout)
     want_logits, want_grads, want_input = step(model, fused=False)
+    for name, module in model.named_modules():  # the fused layer reads p from peft's own dropout modules
+        if fusable(module):
+            module.lora_dropout["default"] = dropouts[name]
     logits, grads, input_grad = step(model, fused=True)
     assert set(grads) == set(want_grads) and all(".lora_" in name for name in grads)  # frozen weights get none
     assert relative(logits, want_logits) <= 1e-6
@@ -79,3 +102,17 @@ def test_it_applies_to_16_bit_layers_only_and_leaves_peft_as_it_was(tmp_path):
     assert not any("forward" in vars(layer) for layer in layers)  # peft's forward again afterwards
     with model.disable_adapter():
         assert torch.equal(plain, model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_masks_drop_the_share_asked_for_independently_per_value(p):
+    torch.manual_seed(0)
+    keep, drawn = dropout_keep(torch.Size([513, 333]), p, torch.device("cpu"))  # not a multiple of 4 values
+    assert keep.dtype == torch.bool and keep.shape == (513, 333) and abs(drawn - p) <= 0.5 / 65536
+    count = keep.numel()
+    assert abs(float(1 - keep.float().mean()) - drawn) <= 5 * math.sqrt(drawn * (1 - drawn) / count)
+    lanes = keep.flatten()[: count // 4 * 4].view(-1, 4).float().mean(0)  # each 16-bit quarter of a draw alike
+    assert (lanes - (1 - drawn)).abs().max() <= 5 * math.sqrt(drawn * (1 - drawn) / (count // 4))
+    again, _ = dropout_keep(torch.Size([513, 333]), p, torch.device("cpu"))  # a fresh draw, independent of the first
+    same = 1 - 2 * drawn * (1 - drawn)
+    assert abs(float((keep == again).float().mean()) - same) <= 5 * math.sqrt(same * (1 - same) / count)
