@@ -2,7 +2,8 @@
 examples with position ids restarting at each; transformers' SDPA path then builds a block-diagonal mask over the
 whole row and computes every block of it, masked ones included (a 1,024-token row of eight examples does eight
 times the attention work it needs), and a masked SDPA cannot use the fused causal kernel. Here each example's
-span runs as its own causal SDPA call: the same numbers, only the blocks that count.
+span runs as its own causal SDPA call (short ones on CPU as short_attention's plain products, faster there): the
+same numbers, only the blocks that count.
 
 Written by hand because nothing installed does it on CPU: flash-attention's varlen kernel is CUDA-only, and
 flex_attention needs a compilation per shape. Registered with transformers' AttentionInterface, so models use it
@@ -12,6 +13,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from . import short_attention
 
 NAME = "packed_sdpa"
 # Each span is padded at its end to a multiple of this (causal attention: the padding is never attended to by the
@@ -28,11 +31,15 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     outputs = []
     for start, end in spans:
         pad = (0, 0, 0, -(end - start) % SPAN_MULTIPLE)
         q, k, v = (torch.nn.functional.pad(x[:, :, start:end], pad) for x in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        if short_attention.takes(q, q.shape[2]):
+            out = short_attention.causal_attention(q, k, v, scale)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         outputs.append(out[:, :, :end - start])
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
