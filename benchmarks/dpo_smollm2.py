@@ -14,13 +14,11 @@ more than 5% worse. A mechanical check that preference tuning works, not a claim
 """
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -32,6 +30,7 @@ from train_throughput import SHARED, base_folder  # noqa: E402
 from lora_tuner import load_recipe, run  # noqa: E402
 from lora_tuner.eval.evaluate import evaluate  # noqa: E402
 from lora_tuner.run_folder import RunFolder  # noqa: E402
+from lora_tuner.train.manifest import device  # noqa: E402
 
 ALPACA = SHARED / "data/alpaca_5000.json"
 
@@ -84,9 +83,8 @@ def main() -> None:
     print(report.table())
     models = {m.name: m for m in report.models}
     start, result = models["start (init.adapter)"], models["base + adapter"]
-    cpu = "avx512_bf16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no AVX512-BF16"
     found = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {cpu}",
+        "machine": device(),
         "sft": {"steps": args.sft_steps, "seconds": round(sft.train.runtime_s, 1),
                 "held_out_loss": [sft.loss.eval_start, sft.loss.eval]},
         "dpo": {"steps": args.dpo_steps, "seconds": round(dpo_seconds, 1), "beta": args.beta,

@@ -5,7 +5,6 @@ Two shapes in one run: a tiny LLaMA and a ~1.1B LLaMA (random weights, built onc
     python benchmarks/hotswap.py
 """
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -21,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from lora_tuner import AdapterPool  # noqa: E402
 from lora_tuner.model.tokenizer import byte_tokenizer  # noqa: E402
+from lora_tuner.train.manifest import device  # noqa: E402
 
 CACHE = HERE / ".cache" / "hotswap"
 SHAPES = {
@@ -88,9 +88,8 @@ def main() -> None:
     for name, row in results.items():
         print(f"{name:12s} {row['swap_resident_ms']:13.3f} ms {row['swap_from_disk_ms']:14.2f} ms "
               f"{row['reload_base_ms']:9.1f} ms {row['reload_vs_swap']:7d}x")
-    device = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     out = HERE / "results" / f"hotswap-{platform.node()}.json"
-    out.write_text(json.dumps({"device": device, "dtype": "bfloat16", "adapter": "r=16 all-linear",
+    out.write_text(json.dumps({"device": device(), "dtype": "bfloat16", "adapter": "r=16 all-linear",
                                "results": results}, indent=2) + "\n")
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from lora_tuner.train.manifest import device
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "merge"
 RESULTS = HERE / "results"
@@ -116,7 +118,7 @@ def main() -> None:
     ours, copy, baseline = rows["lora-tune merge"], rows["copy (cp -r)"], rows["peft merge_and_unload"]
     startup = rows["python + torch start-up"]
     result = {
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": device(),
         "model": f"LLaMA-shaped {config['num_hidden_layers']} layers x {config['hidden_size']}, bf16, "
                  f"{model_mb:.0f} MB in {len(shards)} shards", "adapter": "r=16 all-linear",
         "largest_shard_mb": round(largest_mb), "repeats": args.repeats, "methods": rows,

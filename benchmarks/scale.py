@@ -18,7 +18,6 @@ cp and merge --no-verify take turns --rounds times (medians, min-max); the verif
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 from merge import measure  # wall seconds and peak RSS of one child process
+
+from lora_tuner.train.manifest import device
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".cache" / "scale"
@@ -190,8 +191,7 @@ def main() -> None:
         return build(args.build, args.layers)
     if not (SHARED / "tokenizers" / "llama" / "tokenizer.model").is_file():
         raise SystemExit(f"needs the LLaMA tokenizer and Alpaca rows in {SHARED} (../shared beside the checkout)")
-    cpu = "avx512_bf16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no AVX512-BF16"
-    result = {"device": f"cpu-{os.cpu_count()}cores", "cpu": f"{platform.processor() or platform.machine()}, {cpu}",
+    result = {"device": f"cpu-{os.cpu_count()}cores", "cpu": device(),
               "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9),
               "adapter": f"r{RANK} alpha {ALPHA}, every linear layer of the decoder", "verification_rows": ROWS,
               "shapes": {}}

@@ -275,7 +275,7 @@ def summary(runs: list[dict]) -> dict:
 
 
 def report(args, found: dict) -> None:
-    from lora_tuner.train.manifest import git_commit, versions
+    from lora_tuner.train.manifest import device as machine, git_commit, versions
 
     table = {name: summary(runs) for name, runs in found["runs"].items()}
     device = f"cpu-{os.cpu_count()}cores" if not torch.cuda.is_available() else torch.cuda.get_device_name()
@@ -286,7 +286,8 @@ def report(args, found: dict) -> None:
         cpu, wall = row["tokens_per_cpu_s"], row["tokens_per_s"]
         print(f"{name:40s} {cpu['median']:8,.0f} ({cpu['min']:,.0f}-{cpu['max']:,.0f}) "
               f"{wall['median']:8,.0f} ({wall['min']:,.0f}-{wall['max']:,.0f}) {row['peak_rss_gb']['median']:12.2f}")
-    result = {"device": device, "platform": platform.platform(), "shape": args.shape, "threads": args.threads,
+    result = {"device": device, "machine": machine(), "platform": platform.platform(), "shape": args.shape,
+              "threads": args.threads,
               "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "rows": args.rows,
               "max_length": MAX_LENGTH, "table": table, "raw": found, "versions": versions(), "commit": git_commit()}
     if not args.ablation:

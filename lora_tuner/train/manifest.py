@@ -11,6 +11,7 @@ import torch
 
 from ..config import Recipe, dump_recipe
 from ..data.prepare import PreparedData
+from ..model.dtypes import native_dtype
 from ..run_folder import BaseModelRecord, DataRecord, LossRecord, RunManifest, TrainRecord
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "lora-tune")
@@ -31,19 +32,34 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
-    """The lora-tune source commit, when it runs from a checkout."""
+    """The lora-tune source commit, when it runs from a checkout; '-dirty' after it when tracked files differ from
+    it (a run or benchmark of uncommitted code)."""
+    here = Path(__file__).parent
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, capture_output=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if changed.returncode == 1 else "")
 
 
 def device() -> str:
+    """The machine, with what decides its speed: the GPU, or the CPU's model and whether it computes bf16 natively
+    (CPUs of one cloud instance type differ in that, and bf16 matmuls are then ~2x or ~1/70 of fp32)."""
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"cpu: {_cpu_model()}, {native_dtype()[1]}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def run_manifest(recipe: Recipe, source: str, data: PreparedData, base_path: str, metrics: list[dict], *,
