@@ -158,7 +158,7 @@ def test_the_bundled_dpo_recipe_runs_from_the_sft_adapter_and_exports(smollm2, l
     recipe = load_recipe("smollm2-135m-dpo", [
         f"model.name_or_path={smollm2}", f"init.adapter={lora_run.folder}", f"data.path={ALPACA}", "data.limit=100",
         "data.validation_size=12", "data.max_length=128", "train.max_steps=6", "train.learning_rate=1e-3",
-        "train.eval_steps=100", "train.report_to=[]", f"output.root={tmp_path}"])
+        "train.batch_size=2", "train.eval_steps=100", "train.report_to=[]", f"output.root={tmp_path}"])
     result = run(recipe)
     report = evaluate(result.folder)
     print(report.table())
