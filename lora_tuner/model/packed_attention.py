@@ -2,7 +2,7 @@
 examples with position ids restarting at each; transformers' SDPA path then builds a block-diagonal mask over the
 whole row and computes every block of it, masked ones included (a 1,024-token row of eight examples does eight
 times the attention work it needs), and a masked SDPA cannot use the fused causal kernel. Here each example's
-span runs as its own causal SDPA call (short ones on CPU as short_attention's plain products, faster there): the
+span runs as its own causal SDPA call (short 16-bit ones on CPU as short_attention's plain products, faster there): the
 same numbers, only the blocks that count.
 
 Written by hand because nothing installed does it on CPU: flash-attention's varlen kernel is CUDA-only, and

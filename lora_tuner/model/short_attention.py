@@ -3,7 +3,9 @@
 torch's fused CPU kernel ("flash attention for CPU") computes its backward in small tiles that are slow for the
 spans instruction rows make: for 9 heads of 64 in bf16, forward + backward of a 96-token span took 1.5 ms fused
 against 0.47 ms here, 192 tokens 3.0 against 2.0 ms, 320 tokens 7.8 against 5.3 ms; at 512 the fused kernel wins
-(14.1 against 16.9 ms). So spans up to MAX_SPAN tokens take this path; it keeps the [heads, span, span]
+(14.1 against 16.9 ms). In fp32 (CPUs without native bf16) neither wins clearly at any length (96 tokens: 2.8
+against 2.2 ms; 160: 4.8 against 6.1; 320: 14.6 against 19.5), so fp32 keeps the fused kernel. So 16-bit spans up to
+MAX_SPAN tokens take this path; it keeps the [heads, span, span]
 probabilities in the compute dtype for the backward (1.8 MB for 9 heads at 320 tokens), which the fused kernel does
 not. Products run in the inputs' dtype, the softmax and its gradient in fp32 (the scores are rounded to the compute
 dtype before the softmax, which the fused kernel does not: bf16 attention outputs within 1.6% of the largest
@@ -16,8 +18,8 @@ _causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def takes(query: torch.Tensor, length: int) -> bool:
-    """Whether a span of `length` tokens runs here: short, and on the CPU (GPUs have fast fused kernels)."""
-    return query.device.type == "cpu" and length <= MAX_SPAN
+    """Whether a span of `length` tokens runs here: short, 16-bit, and on the CPU (GPUs have fast fused kernels)."""
+    return query.device.type == "cpu" and query.element_size() == 2 and length <= MAX_SPAN
 
 
 class _CausalAttention(torch.autograd.Function):
