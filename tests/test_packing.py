@@ -117,5 +117,8 @@ def test_short_span_attention_computes_what_sdpa_computes():
     assert max(errors(run(ours, torch.float32), want)) <= 1e-5
     fused = errors(run(sdpa, torch.bfloat16), want)
     assert all(e <= 2.5 * max(f, 2 ** -8) for e, f in zip(errors(run(ours, torch.bfloat16), want), fused))
-    half = inputs[0].bfloat16()
-    assert takes(half, MAX_SPAN) and not takes(half, MAX_SPAN + 1) and not takes(inputs[0], 16)  # fp32: fused
+
+    def span(length, dtype=torch.bfloat16):
+        return torch.zeros(1, 1, length, 1, dtype=dtype)
+
+    assert takes(span(MAX_SPAN)) and not takes(span(MAX_SPAN + 1)) and not takes(span(16, torch.float32))  # fp32: fused

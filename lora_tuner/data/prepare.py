@@ -74,7 +74,7 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
         else:
             rows.append(Row(number, example, None))
     if not rows and all(reason.startswith("missing") for reason in dropped):
-        raise _wrong_columns(raw.rows[0], recipe, source)
+        raise _wrong_columns(raw.rows[0], recipe, template, source)
     if tokenizer is not None:
         rows = _tokenized(rows, tokenizer, data.max_length, dropped, kind)
     if not rows:
@@ -124,12 +124,12 @@ def _split(rows: list[Row], recipe: Recipe, source: str) -> tuple[list[Row], lis
             [row for i, row in enumerate(rows) if i in held_out])
 
 
-def _wrong_columns(first_row, recipe: Recipe, source: str):
+def _wrong_columns(first_row, recipe: Recipe, template, source: str):
     """Names the format the rows are in, when one the recipe's method trains on reads the first row."""
     data_format = recipe.data.format
     found = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
     reads = [f.name for f in FORMATS.values() if f.kind in METHOD_KINDS[recipe.train.method] and not f.by_rule
-             and isinstance(first_row, dict) and isinstance(f.to_example(first_row, resolve(recipe.data.template)), dict)]
+             and isinstance(first_row, dict) and isinstance(f.to_example(first_row, template), dict)]
     fix = (f"set data.format: {reads[0]} (it reads these rows)" if reads else
            f"set data.format to match the file ({', '.join(FORMATS)}) or rename the columns")
     return fail(source, "data.format", f"{data_format!r} needs columns {list(FORMATS[data_format].columns)}, "

@@ -36,7 +36,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     for start, end in spans:
         pad = (0, 0, 0, -(end - start) % SPAN_MULTIPLE)
         q, k, v = (torch.nn.functional.pad(x[:, :, start:end], pad) for x in (query, key, value))
-        if short_attention.takes(q, q.shape[2]):
+        if short_attention.takes(q):
             out = short_attention.causal_attention(q, k, v, scale)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)

@@ -17,9 +17,10 @@ MAX_SPAN = 320
 _causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def takes(query: torch.Tensor, length: int) -> bool:
-    """Whether a span of `length` tokens runs here: short, 16-bit, and on the CPU (GPUs have fast fused kernels)."""
-    return query.device.type == "cpu" and query.element_size() == 2 and length <= MAX_SPAN
+def takes(query: torch.Tensor) -> bool:
+    """Whether a span's [batch, heads, span, dim] queries run here: short, 16-bit, and on the CPU (GPUs have fast
+    fused kernels)."""
+    return query.device.type == "cpu" and query.element_size() == 2 and query.shape[-2] <= MAX_SPAN
 
 
 class _CausalAttention(torch.autograd.Function):
