@@ -29,6 +29,9 @@ class LoraDeltas:
             tensors = {key: weights.get_tensor(key) for key in weights.keys()}
         self.targets = {_base_key(key) for key in tensors if ".lora_A." in key}
         self._factors = {key: self._delta_factors(key, tensors, source) for key in self.targets}
+        # scale * each row's largest |A| entry, for check_rows' bound: once, not per chunk
+        self._peaks = {key: right.abs().amax(dim=1, keepdim=True).mul_(scale)
+                       for key, (_, right, scale) in self._factors.items()}
 
     def merge_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor,
                    scratch: torch.Tensor) -> None:
@@ -52,23 +55,24 @@ class LoraDeltas:
     def check_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor) -> bool:
         """out, as merge_rows wrote it, against rows + scale * B @ A computed again (one product per row, not
         merge_rows' blocked additions) in float32: within out's rounding (one unit in its last place) plus what float32
-        itself may differ by between two evaluations of the same sum. Every CHECK_STRIDE-th row of the chunk, and its
-        last: a wrong row, a block written twice or a buffer two threads shared shows in them, at a sixteenth of the
-        cost (checking every row cost as much as the merge itself)."""
-        picked = torch.tensor(sorted({*range(0, len(rows), CHECK_STRIDE), len(rows) - 1}))
-        base, got = rows[picked].to(torch.float32), out[picked].to(torch.float32)  # copies (fancy indexing)
+        itself may differ by between two evaluations of the same sum. Every CHECK_STRIDE-th row of the chunk, counted
+        back from its last: a wrong row, a block written twice or a buffer two threads shared shows in them, at a
+        sixteenth of the cost (checking every row cost as much as the merge itself). The rows are a strided view and
+        the ops few: the check's cost is mostly per-op overhead, paid while holding the GIL the other workers wait on."""
+        first = (len(rows) - 1) % CHECK_STRIDE
+        base, got = rows[first::CHECK_STRIDE].float(), out[first::CHECK_STRIDE].float()  # views when float32: read only
         if base_key not in self.targets:
-            return torch.equal(got, base.to(out.dtype).to(torch.float32))
+            return torch.equal(got, base.to(out.dtype).float())
         left, right, scale = self._factors[base_key]
-        part = left[first_row + picked]
+        part = left[first_row + first:first_row + len(rows):CHECK_STRIDE]
+        exact = torch.addmm(base, part, right, alpha=scale)
+        kind = torch.finfo(out.dtype)  # below its smallest normal number a dtype's spacing stops shrinking
         # terms: at least the size of what is summed, which bounds float32's own error when the sum nearly cancels;
         # each row's largest |A| entry stands for its row (a product with |A| itself cost a fifth of the merge)
-        terms = base.abs().add_(part.abs() @ right.abs().amax(dim=1, keepdim=True), alpha=scale)
-        exact = base.addmm_(part, right, alpha=scale)
-        kind = torch.finfo(out.dtype)  # below its smallest normal number a dtype's spacing stops shrinking
-        slack = terms.mul_((right.shape[0] + 2) * torch.finfo(torch.float32).eps).add_(
-            exact.abs().clamp_min(kind.smallest_normal).mul_(kind.eps))
-        return bool((got.sub_(exact).abs_() <= slack).all())
+        terms = base.abs().add_(part.abs() @ self._peaks[base_key]).mul_(
+            (right.shape[0] + 2) * torch.finfo(torch.float32).eps)
+        slack = exact.abs().clamp_min_(kind.smallest_normal).mul_(kind.eps).add_(terms)
+        return bool(((got - exact).abs_() <= slack).all())
 
     def _delta_factors(self, base_key: str, tensors: dict, source: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(left, right, scale) with delta = scale * left @ right in the base's weight layout, in fp32."""
