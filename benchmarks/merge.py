@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from lora_tuner.train.manifest import device
-
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "merge"
 RESULTS = HERE / "results"
@@ -61,6 +59,13 @@ def measure(command: list[str]) -> tuple[float, float]:
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(command)}")
     return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def machine() -> str:
+    """lora_tuner's manifest.device(), computed in a child: with torch imported here, every child measured after
+    would report this process's memory as part of its own peak RSS (a forked child's peak counts its parent's pages)."""
+    return subprocess.run([sys.executable, "-c", "from lora_tuner.train.manifest import device; print(device())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def build(model: str, shard: str) -> tuple[Path, Path]:
@@ -118,7 +123,7 @@ def main() -> None:
     ours, copy, baseline = rows["lora-tune merge"], rows["copy (cp -r)"], rows["peft merge_and_unload"]
     startup = rows["python + torch start-up"]
     result = {
-        "device": device(),
+        "device": machine(),
         "model": f"LLaMA-shaped {config['num_hidden_layers']} layers x {config['hidden_size']}, bf16, "
                  f"{model_mb:.0f} MB in {len(shards)} shards", "adapter": "r=16 all-linear",
         "largest_shard_mb": round(largest_mb), "repeats": args.repeats, "methods": rows,

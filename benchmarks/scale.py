@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from merge import measure  # wall seconds and peak RSS of one child process
-
-from lora_tuner.train.manifest import device
+from merge import machine, measure  # the machine's name; wall seconds and peak RSS of one child process
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".cache" / "scale"
@@ -191,7 +189,7 @@ def main() -> None:
         return build(args.build, args.layers)
     if not (SHARED / "tokenizers" / "llama" / "tokenizer.model").is_file():
         raise SystemExit(f"needs the LLaMA tokenizer and Alpaca rows in {SHARED} (../shared beside the checkout)")
-    result = {"device": f"cpu-{os.cpu_count()}cores", "cpu": device(),
+    result = {"device": f"cpu-{os.cpu_count()}cores", "cpu": machine(),
               "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9),
               "adapter": f"r{RANK} alpha {ALPHA}, every linear layer of the decoder", "verification_rows": ROWS,
               "shapes": {}}

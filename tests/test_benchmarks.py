@@ -26,3 +26,14 @@ def test_the_gpu_epoch_benchmark_runs_end_to_end_on_the_tiny_shape(tmp_path):
         assert row["tokens_per_s"] > 0 and row["plan_tokens_per_s"] > 0 and row["peak_memory_gb"] > 0
         assert row["epoch_tokens"] == 52002 * 128  # one Alpaca epoch, as plan counts it
         assert row["minutes_per_epoch"] == pytest.approx(row["epoch_tokens"] / row["tokens_per_s"] / 60, rel=0.01)
+
+
+def test_benchmarks_that_measure_children_keep_their_own_process_light():
+    """A child's peak RSS counts the pages of the process it was forked from: merge.py, export.py, scale.py and
+    verify_memory.py time `cp` and other small children, so they must not hold torch themselves (a `cp` read 231 MB)."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import merge, export, scale, verify_memory; "
+             "print('torch' in sys.modules, merge.measure([sys.executable, '-c', 'pass'])[1])")
+    done = subprocess.run([sys.executable, "-c", probe, str(BENCHMARKS)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch_imported, child_mb = done.stdout.split()
+    assert torch_imported == "False" and float(child_mb) < 100, done.stdout
