@@ -11,7 +11,8 @@ beside it the way a run saves it. Then, per GGUF type, each in its own process w
 export once with verification on (the default). Quantized types are not verified on the random 1.1B: on random
 weights every logit is near-equal, so top-1 agreement says nothing. Their quality is measured on real weights instead:
 SmolLM2-135M (../shared, imported from its GGUF) exported in every type, each verified by llama.cpp against the model in
-float32 on 16 held-out Alpaca rows.
+float32 on 16 held-out Alpaca rows; beside each, the same type made by llama.cpp's own quantizer (llama-quantize, its
+C code through llama-cpp-python) from lora-tune's f16 export, as a llama.cpp user makes it, judged the same way.
 
     python benchmarks/export.py [--types f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--repeats 3]
     python benchmarks/export.py --smollm2-only --types bf16,q5_k,q4_k      # SmolLM2 in llama.cpp only
@@ -24,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from merge import MODELS, build, measure  # the same random 1.1B base and adapter, timed the same way
@@ -50,6 +52,7 @@ with open(out, "wb") as sink:
         written += sink.write(chunk[:min(len(chunk), size - written)])
 """
 IMPORTS = "import torch, transformers, gguf"
+LLAMA_QUANTIZE = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")  # the --types llama-quantize makes under the same name
 
 
 def merged_model() -> Path:
@@ -74,7 +77,9 @@ def smollm2_agreement(kinds: list[str]) -> dict:
     them (llama.cpp the judge when its binding is installed), on the last HELD_OUT Alpaca rows of ../shared."""
     from lora_tuner.data.formats import FORMATS
     from lora_tuner.data.templates import resolve
+    from lora_tuner.export.gguf_export import verify_file
     from lora_tuner.model.gguf_import import import_gguf
+    from lora_tuner.verify import llama_cpp
 
     folder = CACHE / "smollm2"
     if not (folder / "config.json").is_file():
@@ -84,6 +89,8 @@ def smollm2_agreement(kinds: list[str]) -> dict:
         for row in rows:
             out.write(json.dumps({**FORMATS["alpaca"].to_example(row, resolve("alpaca")), "held_out": True}) + "\n")
     found = {}
+    f16 = CACHE / "smollm2-source-f16.gguf"  # what llama-quantize starts from
+    subprocess.run(export_command(folder, "f16", f16, False) + ["--force"], check=True, capture_output=True)
     for kind in kinds:
         gguf = CACHE / f"smollm2-{kind}.gguf"
         subprocess.run(export_command(folder, kind, gguf, True) + ["--force"], capture_output=True)  # 2: below min
@@ -92,8 +99,16 @@ def smollm2_agreement(kinds: list[str]) -> dict:
         found[kind] = {"top1_agreement": round(v["top1_agreement"], 4), "mean_kl": round(v["mean_kl"], 5),
                        "min_top1": v["min_top1"], "passed": v["passed"], "tokens": v["tokens"], "judge": v["judge"],
                        "gguf_mb": round(report["bytes"] / 2**20, 1)}
+        if kind in LLAMA_QUANTIZE and llama_cpp.version():
+            started = time.perf_counter()
+            llama_cpp.quantize(f16, gguf, kind)
+            seconds = time.perf_counter() - started
+            theirs = verify_file(gguf, folder, kind, HELD_OUT)
+            found[kind]["llama_quantize"] = {"top1_agreement": round(theirs.top1_agreement, 4),
+                                             "mean_kl": round(theirs.mean_kl, 5), "seconds": round(seconds, 2)}
         print(f"SmolLM2 {kind}: {found[kind]}", flush=True)
         clean(gguf)
+    clean(f16)
     return found
 
 

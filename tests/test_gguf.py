@@ -295,3 +295,27 @@ def test_a_q4_k_m_export_mixes_types_as_llama_quantize_and_loads_in_llama_cpp(ti
     assert llama_cpp.tokenize(loaded, text) == AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)[
         "input_ids"]
     loaded.close()
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_k_quant_exports_hold_what_llama_cpps_own_quantizer_writes(tiny_bpe_llama, tmp_path):
+    """lora-tune's k-quant files against llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs),
+    given the same values: weights f16 holds exactly, and llama.cpp starting from lora-tune's f16 export. Every
+    tensor gets llama.cpp's type in each mix, and its bytes."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    model = block_wide_llama(tiny_bpe_llama, tmp_path / "wide")
+    AutoModelForCausalLM.from_pretrained(model, dtype=torch.float16).save_pretrained(model)
+    export_gguf(model, tmp_path / "f16.gguf", kind="f16", verify=False)
+    for kind in ("q4_k_m", "q5_k_m", "q6_k"):
+        export_gguf(model, tmp_path / f"ours-{kind}.gguf", kind=kind, verify=False)
+        llama_cpp.quantize(tmp_path / "f16.gguf", tmp_path / f"theirs-{kind}.gguf", kind)
+        ours = {t.name: t for t in GGUFReader(tmp_path / f"ours-{kind}.gguf").tensors}
+        theirs = {t.name: t for t in GGUFReader(tmp_path / f"theirs-{kind}.gguf").tensors}
+        assert set(ours) == set(theirs), kind
+        assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+        assert {t.tensor_type.name for t in theirs.values()} >= {"Q6_K"}, kind  # a k-quant was compared
+        for name, tensor in theirs.items():
+            same = np.asarray(ours[name].data) == np.asarray(tensor.data)
+            assert same.all(), (kind, name, f"{1 - same.all(axis=-1).mean():.1%} of its rows differ")

@@ -55,7 +55,7 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "q8_0", into: s
             if disk_full(exc):
                 raise no_space(out.parent, name, "--out") from None
             raise
-        verification = _verify(partial, model_folder, kind, verify_rows) if verify else None
+        verification = verify_file(partial, model_folder, kind, verify_rows) if verify else None
         report = ExportReport(source=str(source.resolve()), merged_on_the_fly=model_folder == merged_dir, file=str(out),
                               type=kind,
                               bytes=partial.stat().st_size, seconds=time.time() - started,
@@ -105,8 +105,9 @@ def _check_memory(run: RunFolder, source: Path, kind: str, rows: int | None, nam
                      if rows else "free some memory")
 
 
-def _verify(gguf_file: Path, model_folder: Path, kind: str, rows: int | None) -> GgufVerification:
-    """The GGUF against the merged model it was written from, both streamed a module at a time in float32."""
+def verify_file(gguf_file: Path, model_folder: Path, kind: str, rows: int | None) -> GgufVerification:
+    """A GGUF of `kind` against the merged model it was made from, both streamed a module at a time in float32 (also
+    a file llama.cpp's own llama-quantize made: benchmarks/export.py judges both alike)."""
     from ..verify.verdict import Source, verification_rows, verify_gguf
     from .gguf_reader import gguf_weight_map
     from .weights import streamed_source

@@ -73,3 +73,19 @@ def response_logits(model, batches: list[Batch]) -> list[torch.Tensor]:
             rows.append(torch.from_numpy(model.scores[:len(ids)].copy())[scored])
         found.append(torch.cat(rows))
     return found
+
+
+def quantize(f16_file: Path, out: Path, kind: str) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize: what its llama-quantize tool runs, no importance matrix) from
+    an f16 GGUF to `kind` ('q8_0', 'q4_0', 'q4_k_m', 'q5_k_m', 'q6_k'): the reference the suite and
+    benchmarks/export.py hold lora-tune's own k-quant writer to."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params.nthread = os.cpu_count() or 1
+    with _stderr_captured():
+        if llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+            raise Refused(f"llama.cpp could not quantize {f16_file} to {kind}")
