@@ -53,6 +53,7 @@ with open(out, "wb") as sink:
 """
 IMPORTS = "import torch, transformers, gguf"
 LLAMA_QUANTIZE = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")  # the --types llama-quantize makes under the same name
+LLAMA_QUANTIZE_CHILD = "import sys; from lora_tuner.verify.llama_cpp import quantize; quantize(*sys.argv[1:])"
 
 
 def merged_model() -> Path:
@@ -99,7 +100,7 @@ def smollm2_agreement(kinds: list[str]) -> dict:
         found[kind] = {"top1_agreement": round(v["top1_agreement"], 4), "mean_kl": round(v["mean_kl"], 5),
                        "min_top1": v["min_top1"], "passed": v["passed"], "tokens": v["tokens"], "judge": v["judge"],
                        "gguf_mb": round(report["bytes"] / 2**20, 1)}
-        if kind in LLAMA_QUANTIZE and llama_cpp.version():
+        if kind in LLAMA_QUANTIZE and has_llama_cpp():
             started = time.perf_counter()
             llama_cpp.quantize(f16, gguf, kind)
             seconds = time.perf_counter() - started
@@ -110,6 +111,11 @@ def smollm2_agreement(kinds: list[str]) -> dict:
         clean(gguf)
     clean(f16)
     return found
+
+
+def has_llama_cpp() -> bool:
+    """llama-cpp-python installed (asked in a child: importing it here would weigh on every measured child's RSS)."""
+    return subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True).returncode == 0
 
 
 def export_command(source: Path, kind: str, out: Path, verify: bool) -> list[str]:
@@ -143,6 +149,11 @@ def main() -> None:
     measure(["cat", *map(str, shards)])  # warm the page cache so every method reads from memory
 
     kinds = args.types.split(",")
+    f16 = CACHE / "source-f16.gguf"  # llama-quantize's input, as a llama.cpp user makes a k-quant
+    quantized_by_llama_cpp = [kind for kind in kinds if kind in LLAMA_QUANTIZE] if has_llama_cpp() else []
+    if quantized_by_llama_cpp:
+        clean(f16)
+        subprocess.run(export_command(source, "f16", f16, False), check=True, capture_output=True)
     runs: dict[str, list[tuple[float, float]]] = {"python + torch, transformers, gguf imports": []}
     sizes, in_process = {}, {kind: [] for kind in kinds}
     for _ in range(args.repeats):
@@ -157,7 +168,13 @@ def main() -> None:
             os.sync()
             floor = [sys.executable, "-c", FLOOR, str(sizes[kind]), str(out), *map(str, shards)]
             runs.setdefault(f"read+write floor {kind}", []).append(measure(floor))
+            if kind in quantized_by_llama_cpp:
+                clean(out)
+                os.sync()
+                runs.setdefault(f"llama.cpp llama-quantize {kind} (from the f16 GGUF)", []).append(
+                    measure([sys.executable, "-c", LLAMA_QUANTIZE_CHILD, str(f16), str(out), kind]))
     clean(out)
+    clean(f16)
     os.sync()
     verified = measure(export_command(source, "f16", out, True))
     verification = json.loads(out.with_suffix(".export_report.json").read_text())["verification"]
@@ -168,10 +185,10 @@ def main() -> None:
                    "peak_rss_mb": round(statistics.median(r for _, r in done))} for name, done in runs.items()}
     rows["lora-tune export f16, verified (the default)"] = {"seconds": round(verified[0], 2),
                                                             "peak_rss_mb": round(verified[1])}
-    print(f"{'method':46s} {'median s':>9s} {'min-max s':>13s} {'peak RSS MB':>12s}")
+    print(f"{'method':54s} {'median s':>9s} {'min-max s':>13s} {'peak RSS MB':>12s}")
     for name, row in rows.items():
         spread = "-".join(f"{s:.1f}" for s in row.get("min_max_seconds", []))
-        print(f"{name:46s} {row['seconds']:9.2f} {spread:>13s} {row['peak_rss_mb']:12d}")
+        print(f"{name:54s} {row['seconds']:9.2f} {spread:>13s} {row['peak_rss_mb']:12d}")
 
     by_type = {}
     for kind in kinds:
@@ -180,6 +197,11 @@ def main() -> None:
                          "time_vs_floor": round(ours["seconds"] / floor["seconds"], 2),
                          "in_process_seconds": round(statistics.median(in_process[kind]), 2),
                          "rss_mb": ours["peak_rss_mb"]}
+        if "q8_0" in kinds:  # the k-quant issue's yardstick: within 3x of q8_0's time
+            by_type[kind]["time_vs_q8_0"] = round(ours["seconds"] / rows["lora-tune export q8_0"]["seconds"], 2)
+        theirs = rows.get(f"llama.cpp llama-quantize {kind} (from the f16 GGUF)")
+        if theirs:  # what a llama.cpp user adds to an f16 export
+            by_type[kind]["llama_quantize_seconds"] = theirs["seconds"]
         print(f"{kind}: {by_type[kind]}")
     result = {
         "device": f"cpu-{os.cpu_count()}cores", "platform": platform.platform(),

@@ -7,10 +7,6 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
-from .scoring import Batch
-
 
 def version() -> str | None:
     """llama-cpp-python's version, or None when it is not installed (or does not import on this CPU)."""
@@ -59,8 +55,11 @@ def tokenize(model, text: str) -> list[int]:
     return model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
-def response_logits(model, batches: list[Batch]) -> list[torch.Tensor]:
-    """Per batch, the [scored tokens, vocab] logits llama.cpp computes, in the order verify.scoring gives them."""
+def response_logits(model, batches: list) -> list:
+    """Per batch (verify.scoring.Batch), the [scored tokens, vocab] logits llama.cpp computes as torch tensors, in the
+    order verify.scoring gives them. torch is imported here, not above: quantize() runs in a light process."""
+    import torch
+
     found = []
     for batch in batches:
         rows = []
