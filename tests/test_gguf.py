@@ -294,7 +294,7 @@ def test_a_q4_k_m_export_mixes_types_as_llama_quantize_and_loads_in_llama_cpp(ti
     text = "Reverse the word: apple"
     assert llama_cpp.tokenize(loaded, text) == AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)[
         "input_ids"]
-    loaded.close()
+    llama_cpp.close(loaded)
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
@@ -319,3 +319,17 @@ def test_k_quant_exports_hold_what_llama_cpps_own_quantizer_writes(tiny_bpe_llam
         for name, tensor in theirs.items():
             same = np.asarray(ours[name].data) == np.asarray(tensor.data)
             assert same.all(), (kind, name, f"{1 - same.all(axis=-1).mean():.1%} of its rows differ")
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_llama_cpps_own_log_stays_out_of_the_terminal(bpe_run, tmp_path):
+    """llama.cpp logs to file descriptor 2, also as it frees a model: none of it reaches an export's user (pytest's
+    own capture would hide it, so a fresh process loads and frees the file as verification does)."""
+    import subprocess
+    import sys
+
+    export_gguf(bpe_run, tmp_path / "m.gguf", kind="f16", verify=False)
+    probe = "import sys; from lora_tuner.verify import llama_cpp; llama_cpp.close(llama_cpp.load(sys.argv[1], context=64))"
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "m.gguf")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "llama" not in done.stderr, done.stderr[-2000:]

@@ -51,6 +51,12 @@ def load(file: Path, vocab_only: bool = False, context: int = 512, lora: Path | 
             raise Refused(reasons[0] if reasons else "llama.cpp could not load it") from None
 
 
+def close(model) -> None:
+    """Free a loaded model; llama.cpp logs its buffers as it frees them, kept out of the user's terminal too."""
+    with _stderr_captured():
+        model.close()
+
+
 def tokenize(model, text: str) -> list[int]:
     return model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 

@@ -152,7 +152,7 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         else:
             judge, found = (f"llama.cpp (llama-cpp-python {version}) loaded its vocabulary and tokenized; logits "
                             "read back streamed, as the file is over 2 GiB"), None
-        model.close()
+        llama_cpp.close(model)
     if found is None:
         found = reference_logits(gguf.model(), rows.batches, desc="verifying the gguf")
     return _gguf_verdict(judge, found, want, rows, kind, round_trip)
@@ -179,7 +179,7 @@ def verify_gguf_adapter(adapter_gguf: Path, base_gguf: Path, base_type: str, ref
                    f"{refused}", "pass the GGUF of the base this adapter was trained on as --base-gguf") from None
     round_trip = _tokenizes_alike(AutoTokenizer.from_pretrained(tokenizer_folder), model, rows)
     found = llama_cpp.response_logits(model, rows.batches)
-    model.close()
+    llama_cpp.close(model)
     return _gguf_verdict(f"llama.cpp (llama-cpp-python {version}), applied over {base_gguf.name}", found, want, rows,
                          base_type, round_trip)
 
