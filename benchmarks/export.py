@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from merge import MODELS, build, measure  # the same random 1.1B base and adapter, timed the same way
+from merge import MODELS, build, machine, measure  # the same random 1.1B base and adapter, timed the same way
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "export"
@@ -204,7 +204,7 @@ def main() -> None:
             by_type[kind]["llama_quantize_seconds"] = theirs["seconds"]
         print(f"{kind}: {by_type[kind]}")
     result = {
-        "device": f"cpu-{os.cpu_count()}cores", "platform": platform.platform(),
+        "device": f"cpu-{os.cpu_count()}cores", "cpu": machine(), "platform": platform.platform(),
         "model": f"LLaMA-shaped {MODELS['1b']['num_hidden_layers']} layers x {MODELS['1b']['hidden_size']}, merged "
                  f"fp16, {source_mb:.0f} MB, LLaMA SentencePiece vocabulary",
         "repeats": args.repeats, "methods": rows, "by_type": by_type,
