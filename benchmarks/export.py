@@ -91,7 +91,9 @@ def smollm2_agreement(kinds: list[str]) -> dict:
             out.write(json.dumps({**FORMATS["alpaca"].to_example(row, resolve("alpaca")), "held_out": True}) + "\n")
     found = {}
     f16 = CACHE / "smollm2-source-f16.gguf"  # what llama-quantize starts from
-    subprocess.run(export_command(folder, "f16", f16, False) + ["--force"], check=True, capture_output=True)
+    compared = [kind for kind in kinds if kind in LLAMA_QUANTIZE] if llama_cpp.version() else []
+    if compared:
+        subprocess.run(export_command(folder, "f16", f16, False) + ["--force"], check=True, capture_output=True)
     for kind in kinds:
         gguf = CACHE / f"smollm2-{kind}.gguf"
         subprocess.run(export_command(folder, kind, gguf, True) + ["--force"], capture_output=True)  # 2: below min
@@ -100,7 +102,7 @@ def smollm2_agreement(kinds: list[str]) -> dict:
         found[kind] = {"top1_agreement": round(v["top1_agreement"], 4), "mean_kl": round(v["mean_kl"], 5),
                        "min_top1": v["min_top1"], "passed": v["passed"], "tokens": v["tokens"], "judge": v["judge"],
                        "gguf_mb": round(report["bytes"] / 2**20, 1)}
-        if kind in LLAMA_QUANTIZE and has_llama_cpp():
+        if kind in compared:
             started = time.perf_counter()
             llama_cpp.quantize(f16, gguf, kind)
             seconds = time.perf_counter() - started
@@ -137,7 +139,8 @@ def main() -> None:
                         "(results/export-smollm2-cpu-Ncores.json)")
     args = parser.parse_args()
     if args.smollm2_only:
-        found = {"device": f"cpu-{os.cpu_count()}cores", "smollm2_verified": smollm2_agreement(args.types.split(","))}
+        found = {"device": f"cpu-{os.cpu_count()}cores", "cpu": machine(),
+                 "smollm2_verified": smollm2_agreement(args.types.split(","))}
         path = RESULTS / f"export-smollm2-cpu-{os.cpu_count()}cores.json"
         path.write_text(json.dumps(found, indent=2) + "\n")
         print(f"wrote {path}")

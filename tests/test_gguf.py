@@ -1,8 +1,11 @@
 """GGUF export: a file transformers' own GGUF reader loads back to the merged model, with the training prompt."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -302,7 +305,6 @@ def test_k_quant_exports_hold_what_llama_cpps_own_quantizer_writes(tiny_bpe_llam
     """lora-tune's k-quant files against llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs),
     given the same values: weights f16 holds exactly, and llama.cpp starting from lora-tune's f16 export. Every
     tensor gets llama.cpp's type in each mix, and its bytes."""
-    import numpy as np
     from transformers import AutoModelForCausalLM
 
     model = block_wide_llama(tiny_bpe_llama, tmp_path / "wide")
@@ -325,9 +327,6 @@ def test_k_quant_exports_hold_what_llama_cpps_own_quantizer_writes(tiny_bpe_llam
 def test_llama_cpps_own_log_stays_out_of_the_terminal(bpe_run, tmp_path):
     """llama.cpp logs to file descriptor 2, also as it frees a model: none of it reaches an export's user (pytest's
     own capture would hide it, so a fresh process loads and frees the file as verification does)."""
-    import subprocess
-    import sys
-
     export_gguf(bpe_run, tmp_path / "m.gguf", kind="f16", verify=False)
     probe = "import sys; from lora_tuner.verify import llama_cpp; llama_cpp.close(llama_cpp.load(sys.argv[1], context=64))"
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "m.gguf")], capture_output=True, text=True,
