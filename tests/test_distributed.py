@@ -44,6 +44,9 @@ def test_two_processes_train_like_one(tmp_path):
     a, b = load_file(str(two / "adapter_model.safetensors")), load_file(str(one / "adapter_model.safetensors"))
     # Same global batch of the same rows in the same order, and transformers normalises the loss by the tokens of
     # the whole global batch, so the maths is identical. What differs is summation order (gloo's all-reduce vs
-    # one process), ~1e-7 per step, which Adam's normalisation lets grow to a few 1e-6 over 20 steps.
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # one process), ~1e-7 per step, which Adam's normalisation lets grow over 20 steps: Adam divides each gradient
+    # by its own running size, so a component whose gradient is near zero moves by up to the learning rate (3e-3)
+    # whatever its sign noise. Measured 2e-6 to 1.2e-5 on different CPUs; a different batch or order moves the
+    # weights by the size of the update itself (~1e-2).
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)

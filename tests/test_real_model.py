@@ -71,10 +71,11 @@ def test_training_lowers_held_out_loss_and_the_default_merge_keeps_the_gain(lora
     folder, report = default_merge
     v = report.verification
     print(f"fp16 export: keeps {v.gain_kept:.1%}, top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}")
-    assert report.dtype == "float16" and v.passed and v.held_out
+    # 16-bit runs merge to float16 by default, float32 runs (CPUs without native bf16) to float32
+    assert report.dtype == ("float32" if native_dtype()[0] == "float32" else "float16") and v.passed and v.held_out
     assert v.gain_kept >= 0.99 and v.loss_export < v.loss_base - MIN_LOSS_DROP / 2
     merged = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no peft
-    assert merged.dtype == torch.float16 or native_dtype()[0] == "float32" and merged.dtype == torch.float32
+    assert str(merged.dtype) == f"torch.{report.dtype}"
 
 
 def test_streamed_verification_equals_the_whole_model_on_real_weights(smollm2, lora_run, default_merge):

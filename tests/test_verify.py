@@ -92,8 +92,10 @@ def test_a_tiny_gain_is_judged_by_what_rounding_costs_and_a_wrong_merge_still_fa
 
 
 def test_verification_holds_a_few_tensors_not_the_model(tmp_path):
-    """The verified merge of a ~170 MB float32 model grows peak RSS by well under a quarter of it: each module's
-    weights are read when it runs and freed after (a 690 MB one, 24 layers: 26 MB)."""
+    """The verified merge of a ~170 MB float32 model grows peak memory by well under half of it: each module's weights
+    are read when it runs and freed after. Holding any one of the three models it scores (the adapter's reference, the
+    base, the export) would grow it by the whole model; what it holds instead is a few tensors, one batch's
+    activations and the reference's logits (measured 26-47 MB on three CPU kinds; a 690 MB model, 24 layers: 26 MB)."""
     base = sharded_base(tmp_path / "base", "llama", shard="20MB", hidden_size=768, intermediate_size=2048,
                         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
     random_adapter(base, tmp_path / "adapter", r=4)
@@ -129,7 +131,7 @@ def test_verification_holds_a_few_tensors_not_the_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     peak_mb = float(re.findall(r"[\d.]+", done.stdout.strip().splitlines()[-1])[0])
     print(f"model {model_mb:.0f} MB in float32; verified merge peak anonymous memory growth {peak_mb:.0f} MB")
-    assert model_mb > 150 and peak_mb < model_mb / 4
+    assert model_mb > 150 and peak_mb < model_mb / 2
 
 
 def test_the_memory_budget_decides_before_anything_is_written(tmp_path, monkeypatch):
