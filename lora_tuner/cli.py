@@ -1,6 +1,7 @@
 """The `lora-tune` command: a thin click shell over the Python API. User errors exit 2 with one line each."""
 import atexit
 import logging
+import os
 import signal
 import socket
 import sys
@@ -13,15 +14,18 @@ import click
 from .errors import UserError, fail
 from .plan import DEVICE_NAMES
 
+API_KEY = "LORA_TUNE_API_KEY"  # the environment variable serve and ui read their key from
 SET_HELP = "Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable)."
 
 
 def user_errors(command):
     """Turn UserError into its lines on stderr and exit code 2: no traceback for bad input. Ctrl-C outside training
-    (which stops gracefully on its own) ends with 130, like any program stopped by SIGINT."""
+    (which stops gracefully on its own) ends with 130, like any program stopped by SIGINT. An option or argument
+    given as an empty text is refused before the command runs (an empty --host would bind every interface)."""
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_empty(kwargs)
             return command(*args, **kwargs)
         except UserError as exc:
             for problem in exc.problems:
@@ -31,6 +35,16 @@ def user_errors(command):
             click.echo("stopped by Ctrl-C; nothing unfinished was put in place", err=True)
             exit_after_a_stop(130)
     return wrapper
+
+
+def _refuse_empty(values: dict) -> None:
+    context = click.get_current_context()
+    for parameter in context.command.params:
+        value = values.get(parameter.name)
+        given = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(item, str) and not item.strip() for item in given):
+            label = parameter.opts[-1] if isinstance(parameter, click.Option) else parameter.human_readable_name
+            raise fail(context.info_name, label, "is empty", f"give {label} a value, or leave it out")
 
 
 def exit_after_a_stop(code: int) -> None:
@@ -397,13 +411,13 @@ def chat(adapters, base, max_new_tokens):
               help="Adapters kept in memory (least recently used re-read from disk on demand).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
               help="Requests generated together in one forward, each with its own adapter.")
-@click.option("--api-key", envvar="LORA_TUNE_API_KEY", help="Require 'Authorization: Bearer KEY' (or set "
-              "LORA_TUNE_API_KEY).")
+@click.option("--api-key", help=f"Require 'Authorization: Bearer KEY' (or set {API_KEY}).")
+@click.option("--insecure", is_flag=True, help="Allow a --host beyond loopback without an API key.")
 @click.option("--adapter-root", type=click.Path(file_okay=False, exists=True),
               help="POST /v1/adapters may add adapters from folders under this one (else only those given at start).")
 @click.option("--max-body", default="4MB", show_default=True, help="Largest request body accepted (413 above).")
 @user_errors
-def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key, adapter_root, max_body):
+def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key, insecure, adapter_root, max_body):
     """Serve adapters behind one OpenAI-compatible endpoint (/v1/models, /v1/completions, /v1/chat/completions,
     streaming included): the request's `model` picks the adapter by name, or the bare base. Needs the serve extra:
     pip install 'lora-tune[serve]'.
@@ -420,22 +434,45 @@ def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key,
     if not adapters and not base:
         raise fail("serve", "--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL")
     max_body = sizes.parse(max_body, "serve", "--max-body")
-    uvicorn = _server_checks("serve", host, port, api_key)
+    from .adapters.compat import adapter_name
+
+    api_key = _api_key("serve", api_key)
+    uvicorn = _server_checks("serve", host, port, api_key, insecure)
+    _check_base_name("serve", base_name, [adapter_name(folder) for folder in adapters])
     from .serve.openai_api import create_app
 
     pool = _pool(adapters, base, max_loaded)
     app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch, max_body=max_body,
-                     adapter_root=Path(adapter_root) if adapter_root else None)
+                     adapter_root=Path(adapter_root) if adapter_root else None, host=host)
     served = ", ".join([f"{base_name} (the bare base)", *pool.names])
     click.echo(f"serving {served} on http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def _server_checks(command: str, host: str, port: int, api_key: str | None):
-    """What `serve` and `ui` refuse before minutes of loading, each in one line; returns uvicorn."""
-    if api_key is not None and not api_key.strip():
-        raise fail(command, "--api-key", "the key is empty, which would let anyone in", "give a real key")
-    with socket.socket() as probe:  # uvicorn would exit 3 with its own lines
+def _api_key(command: str, given: str | None) -> str | None:
+    """--api-key, else LORA_TUNE_API_KEY; an empty key from either is refused: it would let anyone in."""
+    key = given if given is not None else os.environ.get(API_KEY)
+    if key is not None and not key.strip():
+        field = "--api-key" if given is not None else API_KEY
+        raise fail(command, field, "the key is empty, which would let anyone in", "give a real key, or leave it unset")
+    return key
+
+
+def _check_base_name(command: str, base_name: str, adapters: list[str]) -> None:
+    if base_name in adapters:
+        raise fail(command, "--base-name", f"{base_name!r} is also an adapter's name, so one model name would select "
+                   "two models", "choose another --base-name, or rename that adapter's folder")
+
+
+def _server_checks(command: str, host: str, port: int, api_key: str | None, insecure: bool):
+    """What `serve` and `ui` refuse before minutes of loading, each in one line; returns uvicorn. Beyond loopback a
+    server answers anyone who can reach the machine: it needs a key, or --insecure said out loud."""
+    from .serve.hosts import is_loopback
+
+    if not is_loopback(host) and api_key is None and not insecure:
+        raise fail(command, "--host", f"{host!r} reaches beyond this machine, and no API key is set, so anyone on the "
+                   "network could use the server", f"set {API_KEY} (or --api-key), or pass --insecure if that is meant")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # uvicorn would exit 3 with its own lines
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -457,9 +494,10 @@ def _server_checks(command: str, host: str, port: int, api_key: str | None):
 @click.option("--base-name", default="base", show_default=True, help="The name the bare base goes by.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", envvar="LORA_TUNE_API_KEY", help="Require this key (the page asks for it once).")
+@click.option("--api-key", help=f"Require this key (the page asks for it once; or set {API_KEY}).")
+@click.option("--insecure", is_flag=True, help="Allow a --host beyond loopback without an API key.")
 @user_errors
-def ui(root, base, base_name, host, port, api_key):
+def ui(root, base, base_name, host, port, api_key, insecure):
     """A local page over ROOT's run folders: every run and its state, live loss curves, the resolved recipe, fast
     path, dropped rows and evaluation; runs compared on one chart; and a playground where the base and each adapter
     answer one prompt side by side, streamed. Needs the serve extra: pip install 'lora-tune[serve]'.
@@ -469,27 +507,43 @@ def ui(root, base, base_name, host, port, api_key):
       lora-tune ui                      # adapters/, at http://127.0.0.1:8080
       lora-tune ui runs/ --port 9000 --api-key s3cret
     """
-    from .adapters.compat import adapter_name, same_base
-    from .ui.runs import run_folders
+    from .ui.runs import healthy, run_folders
 
     folder = Path(root)
     if not folder.is_dir():
         raise fail("ui", "ROOT", f"{root!r} is not a folder", "point at the folder that holds run folders (adapters/)")
-    uvicorn = _server_checks("ui", host, port, api_key)
+    api_key = _api_key("ui", api_key)
+    uvicorn = _server_checks("ui", host, port, api_key, insecure)
     from .ui.app import create_ui_app
 
-    finished = [run for run in run_folders(folder).values() if run.is_run]
+    finished = [run for run in run_folders(folder).values() if healthy(run)]  # damaged runs are listed, not served
     if not base and not finished:
         raise fail("ui", "ROOT", f"{root!r} holds no finished run to take the playground's base from",
                    "pass --base MODEL, or train a run first")
     pool = _pool((), base or str(finished[0].path))  # a run folder: its base, loaded with the run's tokenizer
-    for run in finished:
-        if same_base(run.base_model(), pool.base_id):
-            pool.add(adapter_name(run.path), run.path)
+    _serve_runs(pool, finished, base_name)
     click.echo(f"lora-tune ui on http://{host}:{port}/ ({len(finished)} finished runs, {len(pool.names)} served on "
                f"{pool.base_id}); Ctrl-C stops", err=True)
-    uvicorn.run(create_ui_app(folder, pool, base_name=base_name, api_key=api_key), host=host, port=port,
+    uvicorn.run(create_ui_app(folder, pool, base_name=base_name, api_key=api_key, host=host), host=host, port=port,
                 log_level="warning")
+
+
+def _serve_runs(pool, finished: list, base_name: str) -> None:
+    """Each finished run on the pool's base in the playground, under its folder's name; one that cannot be served
+    (its base changed, its adapter is damaged, its name is the base's) is said once and left out."""
+    from .adapters.compat import adapter_name
+    from .run_folder import same_base
+
+    for run in finished:
+        name = adapter_name(run.path)
+        try:
+            if name == base_name:
+                raise fail(str(run.path), "name", f"{name!r} is the bare base's name (--base-name)", "rename the run "
+                           "folder, or pass another --base-name")
+            if same_base(run.base_model(), pool.base_id):
+                pool.add(name, run.path)
+        except UserError as exc:
+            click.echo(f"note: not served in the playground: {exc.problems[0]}", err=True)
 
 
 if __name__ == "__main__":

@@ -47,22 +47,39 @@ def check_recipe(recipe: Recipe, source: str) -> list[str]:
 
 
 def check_init_adapter(recipe: Recipe, source: str) -> None:
-    """init.adapter is an adapter folder that the recipe's lora section describes (merge and export read the recipe).
-    That each of its weights fits the base is checked once the base is loaded (model/lora.py)."""
+    """init.adapter is an accepted adapter (weights/adapter.py) that the recipe's lora section describes (merge and
+    export read the recipe), and fits a local base's weights, compared by their headers before anything loads (a hub
+    base: once it is loaded, model/lora.py)."""
     if recipe.init.adapter is None:
         return
-    from .run_folder import RunFolder
+    from .weights.adapter import LoraAdapter, has_adapter, read_config
 
-    folder = RunFolder(Path(recipe.init.adapter).expanduser())
-    if not folder.has_adapter:
+    folder = Path(recipe.init.adapter).expanduser()
+    if not has_adapter(folder):
         raise fail(source, "init.adapter", f"{recipe.init.adapter!r} holds no adapter_config.json + "
                    "adapter_model.safetensors", "point at a finished run folder (adapters/<run>) or a PEFT adapter")
-    config, lora = folder.adapter_config(), recipe.lora
+    config, lora = read_config(folder, str(folder)), recipe.lora
     for field, key, wanted in (("rank", "r", lora.rank), ("alpha", "lora_alpha", lora.alpha),
                                ("rslora", "use_rslora", lora.rslora), ("dora", "use_dora", lora.dora)):
         if config.get(key, False) != wanted:
             raise fail(source, f"lora.{field}", f"{wanted!r}, but init.adapter {recipe.init.adapter!r} has "
                        f"{config.get(key)!r}", f"set lora.{field}: {config.get(key)} (the adapter's own)")
+    adapter = LoraAdapter(folder, str(folder))
+    base = recipe.model.name_or_path
+    if recipe.model.init == "pretrained" and is_local(base) and (Path(base) / "config.json").is_file():
+        adapter.check_fits(header_shapes(Path(base), source), base, "init.adapter")
+
+
+def header_shapes(folder: Path, source: str) -> dict[str, list[int]]:
+    """Every tensor's shape in a model folder's safetensors, from their headers (nothing loaded)."""
+    from .weights.safetensors import read_header
+    from .weights.shards import base_shards
+
+    try:
+        shards = base_shards(folder, source, "model.name_or_path")
+    except UserError:  # pickled weights (allowed by the recipe): not readable without loading them
+        return {}
+    return {name: info["shape"] for shard in shards for name, info in read_header(shard)[1].items()}
 
 
 def check_environment(recipe: Recipe, source: str) -> None:
@@ -148,17 +165,8 @@ def _check_positions(recipe: Recipe, source: str, positions: int | None) -> None
 
 def _weights_fit(model, folder: Path, source: str) -> None:
     """The saved tensors have the shapes the config describes (transformers would stop on a size mismatch)."""
-    from .export.base_reader import base_shards
-    from .export.safetensors_layout import read_header
-
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    try:
-        shards = base_shards(folder, source)
-    except UserError:  # pickled weights (allowed by the recipe): not readable without loading them
-        return
-    for shard in shards:
-        for name, info in read_header(shard)[1].items():
-            if name in expected and info["shape"] != expected[name]:
-                raise fail(source, "model.name_or_path", f"{name!r} in {str(shard)!r} has shape {info['shape']}, "
-                           f"config.json says {expected[name]}", "the weights and config.json belong to different "
-                           "models: re-save the model with save_pretrained")
+    for name, shape in header_shapes(folder, source).items():
+        if name in expected and shape != expected[name]:
+            raise fail(source, "model.name_or_path", f"{name!r} has shape {shape}, config.json says {expected[name]}",
+                       "the weights and config.json belong to different models: re-save the model with save_pretrained")

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +25,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import Recipe, dump_recipe, load_recipe
 from .config.schema import QuantizationSection
-from .data.formats import response_example
-from .errors import fail
+from .data.formats import example_shape, response_example
+from .errors import UserError, fail
+from .weights.fingerprint import fingerprint
 
 SEAL = "COMPLETE"  # written last into a checkpoint, after every file of it is on disk
 CHECK_ROWS_WITHOUT_SPLIT = 32  # rows kept for eval and merge checks when the recipe holds none out
+
+
+@dataclass
+class JsonLines:
+    rows: list[dict]
+    torn: int  # a last line cut off mid-write (a killed run's), skipped
 
 
 class Record(BaseModel):
@@ -36,10 +44,17 @@ class Record(BaseModel):
 
 
 class BaseModelRecord(Record):
-    name_or_path: str  # where the base is (for model.init: random, the run folder's base-model/)
+    name_or_path: str  # where the base is: a hub id, or a resolved absolute path (model.init random: base-model/)
     revision: str
     init: str
     quantization: QuantizationSection
+    fingerprint: str | None = None  # of a local base's weights (weights/fingerprint.py); None: a hub id
+
+
+class PinRecord(Record):
+    """A folder the run read, pinned: merge, eval and export use this one and refuse it once its weights changed."""
+    path: str  # resolved, absolute
+    fingerprint: str
 
 
 class DataRecord(Record):
@@ -79,6 +94,7 @@ class RunManifest(Record):
     data: DataRecord
     train: TrainRecord
     loss: LossRecord
+    init_adapter: PinRecord | None = None  # the adapter the run started from (init.adapter)
     device: str
     fast_path: list[str]
     resumed_from: str | None
@@ -109,63 +125,133 @@ class RunFolder:
     def has_adapter(self) -> bool:
         return (self.path / self.ADAPTER_CONFIG).is_file() and (self.path / self.ADAPTER_WEIGHTS).is_file()
 
-    # recipe and manifest
-    def _own(self, name: str) -> Path:
-        """A file of this run, refused when it is a link leading out of the folder (lora-tune writes none): its
-        content would be quoted in error messages, which `serve` sends to its clients."""
+    # reading: every file of the run through one confined, tolerant reader
+    def file(self, name: str) -> Path | None:
+        """A file of this run, or None when it is not there. Refused when it is a link leading out of the folder
+        (lora-tune writes none; its content would be quoted in error lines `serve` sends to clients, and the page
+        shows it) or not a regular file (a named pipe would block its reader)."""
         path = self.path / name
-        if path.is_symlink() and not path.resolve().is_relative_to(self.path.resolve()):
-            raise fail(str(self.path), name, "is a link to a file outside the run folder",
-                       "replace the link with the run's own file")
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links
+            real = None
+        if path.is_symlink() and (real is None or not real.is_relative_to(self.path.resolve())):
+            raise self.damaged(name, "is a link to a file outside the run folder", "replace the link with the run's own "
+                               "file")
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise self.damaged(name, "is not a regular file", "replace it with the run's own file")
         return path
 
+    def read_text(self, name: str) -> str | None:
+        path = self.file(name)
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.damaged(name, f"is not UTF-8 text (byte {exc.start})", "restore the file, or re-run") from None
+
+    def read_json(self, name: str, fix: str = "restore the file, or re-run"):
+        text = self.read_text(name)
+        return None if text is None else self._json(name, text, fix)
+
+    def read_jsonl(self, name: str) -> JsonLines:
+        """Every row of a JSON-lines file. A torn last line (what a killed writer leaves) is skipped and counted;
+        a bad line before it means the file is damaged."""
+        text = self.read_text(name)
+        lines = [] if text is None else text.splitlines()
+        rows, torn = [], 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                if number == len(lines):
+                    torn += 1
+                    continue
+                raise self.damaged(name, f"line {number} is not valid JSON", "restore the file, or re-run") from None
+            if not isinstance(row, dict):
+                raise self.damaged(name, f"line {number} is not a JSON object", "restore the file, or re-run")
+            rows.append(row)
+        return JsonLines(rows, torn)
+
+    def _json(self, name: str, text: str, fix: str):
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise self.damaged(name, f"is not valid JSON ({str(exc).splitlines()[0][:80]})" if isinstance(exc, ValueError)
+                               else "is nested too deeply", fix) from None
+
+    def damaged(self, name: str, message: str, fix: str) -> UserError:
+        return fail(str(self.path), name, message, fix)
+
+    # recipe and manifest
     def recipe(self) -> Recipe:
-        return load_recipe(self._own(self.RECIPE))
+        if self.file(self.RECIPE) is None:
+            raise self.damaged(self.RECIPE, "is missing", "re-run the training")
+        return load_recipe(self.path / self.RECIPE)
 
     def recipe_text(self) -> str | None:
-        path = self._own(self.RECIPE)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        return self.read_text(self.RECIPE)
 
     def write_recipe(self, recipe: Recipe) -> None:
         (self.path / self.RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
 
     def manifest(self) -> RunManifest:
-        path = self._own(self.MANIFEST)
+        text = self.read_text(self.MANIFEST)
+        if text is None:
+            raise self.damaged(self.MANIFEST, "is missing", "re-run the training")
         try:
-            return RunManifest.model_validate_json(path.read_text(encoding="utf-8"))
-        except (ValidationError, ValueError) as exc:
-            raise fail(str(self.path), self.MANIFEST, f"not a run manifest of this lora-tune version "
-                       f"({str(exc).splitlines()[0][:80]})", "re-run the training, or point at a PEFT adapter "
-                       "folder and pass the base explicitly") from None
+            return RunManifest.model_validate_json(text)
+        except (ValidationError, ValueError, RecursionError) as exc:
+            raise self.damaged(self.MANIFEST, f"not a run manifest of this lora-tune version "
+                               f"({str(exc).splitlines()[0][:80]})", "re-run the training, or point at a PEFT adapter "
+                               "folder and pass the base explicitly") from None
 
     def write_manifest(self, manifest: RunManifest) -> None:
         (self.path / self.MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
     def adapter_config(self) -> dict:
         """adapter_config.json, or one line saying why it cannot be read."""
-        path = self.path / self.ADAPTER_CONFIG
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise fail(str(self.path), self.ADAPTER_CONFIG, f"is not valid JSON ({str(exc).splitlines()[0][:80]})",
-                       "re-save the adapter with save_pretrained") from None
+        config = self.read_json(self.ADAPTER_CONFIG, "re-save the adapter with save_pretrained")
         if not isinstance(config, dict) or not isinstance(config.get("lora_alpha", 0), (int, float)):
             raise fail(str(self.path), self.ADAPTER_CONFIG, "is not a PEFT adapter config",
                        "re-save the adapter with save_pretrained")
         return config
 
     def base_model(self) -> str | None:
-        """The base the adapter belongs to: the run's record, else the adapter config's."""
-        if self.is_run:
-            return self.manifest().base_model.name_or_path
-        return self.adapter_config().get("base_model_name_or_path") if self.has_adapter else None
+        """The base the adapter belongs to: the run's pinned base (refused when its weights changed since), else the
+        one the adapter config names."""
+        if not self.is_run:
+            return self.adapter_config().get("base_model_name_or_path") if self.has_adapter else None
+        record = self.manifest().base_model
+        if record.init == "random":  # the run folder's own base: wherever the folder has been moved to
+            return str(self._pinned(self.path / self.BASE_MODEL, record.fingerprint, "base"))
+        if record.fingerprint is None:  # a hub id
+            return record.name_or_path
+        return str(self._pinned(Path(record.name_or_path), record.fingerprint, "base"))
+
+    def start_adapter(self) -> Path | None:
+        """The adapter this run started from (init.adapter), as pinned when it trained."""
+        pin = self.manifest().init_adapter if self.is_run else None
+        return None if pin is None else self._pinned(Path(pin.path), pin.fingerprint, "start adapter")
+
+    def _pinned(self, path: Path, want: str | None, what: str) -> Path:
+        if not path.is_dir():
+            raise self.damaged(self.MANIFEST, f"the {what} this run trained on, {str(path)!r}, is not there any more",
+                               f"put it back, or pass the {what} explicitly" + (" (--base)" if what == "base" else ""))
+        if want is not None and fingerprint(path) != want:
+            raise self.damaged(self.MANIFEST, f"the {what} in {str(path)!r} is not the one this run trained on (its "
+                               "weights changed since)", f"restore the {what} the run trained on" +
+                               (", or pass --base to use this one anyway" if what == "base" else ""))
+        return path
 
     # metrics
     def metrics(self) -> list[dict]:
-        path = self.path / self.METRICS
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return self.read_jsonl(self.METRICS).rows
 
     def append_metrics(self, row: dict) -> None:
         """Appended and closed at once, so a crash loses nothing already logged."""
@@ -192,16 +278,15 @@ class RunFolder:
 
     def validation_examples(self) -> tuple[list[dict], bool]:
         """(the examples as the run prepared them: prompt/completion, prompt/chosen/rejected or prompt/completion/
-        label, whether they were held out of training)."""
-        rows = self._validation_rows()
-        return ([{key: value for key, value in r.items() if key not in ("row", "held_out")} for r in rows],
-                bool(rows) and all(r["held_out"] for r in rows))
-
-    def _validation_rows(self) -> list[dict]:
-        path = self.path / self.VALIDATION
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        label, whether they were held out of training). Rows that are not one of those shapes mean the file is
+        damaged."""
+        rows = self.read_jsonl(self.VALIDATION).rows
+        examples = [{key: value for key, value in r.items() if key not in ("row", "held_out")} for r in rows]
+        for number, example in enumerate(examples, start=1):
+            if not example_shape(example):
+                raise self.damaged(self.VALIDATION, f"line {number} is not a prepared example (keys "
+                                   f"{sorted(example)[:6]})", "re-run the training, or pass --data FILE")
+        return examples, bool(rows) and all(r.get("held_out") is True for r in rows)
 
     # the training process
     @contextmanager
@@ -246,9 +331,14 @@ class RunFolder:
     def has_checkpoints(self) -> bool:
         return any((self.path / self.CHECKPOINTS).glob("checkpoint-*"))
 
-    def write_json(self, name: str, value: dict) -> None:
-        """A report file, written under a temporary name and renamed: a reader never sees half of it."""
-        write_atomically(self.path / name, json.dumps(value, indent=2) + "\n")
+
+def same_base(a: str | None, b: str) -> bool:
+    """Two names of one base, as runs record them: the same folder, or the same hub id."""
+    if a is None:
+        return False
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
 
 
 def seal(checkpoint: Path) -> None:
@@ -269,8 +359,3 @@ def seal(checkpoint: Path) -> None:
     finally:
         os.close(directory)
 
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

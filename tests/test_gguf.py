@@ -74,8 +74,9 @@ def test_the_streamed_read_back_equals_transformers_gguf_loader(bpe_run, tiny_bp
     transformers' name map: the logits equal those of transformers' own whole-model GGUF loader."""
     from transformers import AutoModelForCausalLM
 
-    from lora_tuner.export.gguf_reader import gguf_weight_map
-    from lora_tuner.verify.streamed import config_of, streamed_model
+    from lora_tuner.weights.gguf import gguf_weight_map
+    from lora_tuner.verify.streamed import streamed_model
+    from lora_tuner.weights.weight_map import config_of
 
     out = tmp_path / "model.gguf"
     export_gguf(bpe_run, out, kind="q8_0", verify=False)

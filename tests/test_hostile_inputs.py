@@ -211,7 +211,8 @@ CASES = {
     "absurd-length": (lambda c: c.run(data={"max_length": 10**9}), ["data.max_length", "1000000000"]),
     # data files
     "not-utf8-data": (lambda c: c.run(data={"path": c.file("latin.json", b"\xff\xfe[]")}), ["data.path", "not UTF-8"]),
-    "data-is-a-folder": (lambda c: c.run(data={"path": str(c.tmp)}), ["data.path", "is a folder", "check the path"]),
+    "data-is-a-folder": (lambda c: c.run(data={"path": str(Path(c.tmp / "rows").mkdir() or c.tmp / "rows")}),
+                         ["data.path", "is a folder", "check the path"]),
     "empty-json-file": (lambda c: c.run(data={"path": c.file("empty.json", "")}), ["data.path", "not valid JSON"]),
     "jsonl-bad-line": (lambda c: c.validate(data={"path": c.file("rows.jsonl",
                                                                  '{"instruction": "a", "output": "b"}\n{\n')}),
@@ -332,7 +333,7 @@ CASES = {
                                          "--out", str(c.tmp / "out")], ["FILE", "cannot read this GGUF"]),
     "export-out-inside-source": (lambda c: (lambda base: ["export", str(base), "--out", str(base / "x.gguf"),
                                                           "--force"])(copy_base(c, "out")),
-                                 ["--out", "inside SOURCE", "outside it"]),
+                                 ["--out", "is inside the SOURCE", "outside it"]),
     "generate-adapter-symlink-loop": (lambda c: ((c.tmp / "loop").symlink_to(c.tmp / "loop"), ["generate", "--adapter",
                                       str(c.tmp / "loop"), "--base", c.base("llama"), "--prompt", "hi"])[1],
                                       ["adapter", "cannot resolve the path", "real adapter folder"]),

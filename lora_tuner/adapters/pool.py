@@ -10,9 +10,10 @@ from peft import PeftModel
 from ..config.schema import ModelSection, QuantizationSection
 from ..errors import fail
 from ..model.loading import load_base
+from ..model.lora import check_adapter
 from ..model.tokenizer import load_tokenizer
 from ..run_folder import RunFolder
-from .compat import adapter_folder, check_adapter, check_name
+from .compat import adapter_folder, check_name
 from .prompting import TrainingPrompt, training_prompt
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in per-row adapter_names

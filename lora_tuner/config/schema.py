@@ -1,8 +1,8 @@
 """The recipe: one typed config. Each field's description is its one-line doc (`lora-tune validate --explain`)."""
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from ..data.formats import FORMATS, METHOD_KINDS
 from ..data.templates import slot_problems
@@ -15,6 +15,18 @@ class Section(BaseModel):
     # extra="forbid": a typo is an error, never a silently ignored key.
     # allow_inf_nan=False: .inf or .nan in YAML is never a meaningful setting, and would fail deep inside training.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info: ValidationInfo):
+        """pydantic reads true as 1 for a number field; `beta: true` is a mistake to report, not a beta of 1.0."""
+        if isinstance(value, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{value!r} is a yes/no value, not what this field takes")
+        return value
+
+
+def _admits_bool(annotation) -> bool:
+    return annotation is bool or annotation is Any or any(_admits_bool(arg) for arg in get_args(annotation))
 
 
 class ModelSection(Section):

@@ -205,6 +205,20 @@ def is_conversational(example: dict) -> bool:
     return isinstance(example["prompt"], list)
 
 
+EXAMPLE_KEYS = ({"prompt", "completion"}, {"prompt", "chosen", "rejected"}, {"prompt", "completion", "label"})
+
+
+def example_shape(example: dict) -> bool:
+    """Whether a stored example (a run's validation.jsonl) has one of the shapes above: text prompts with text replies,
+    or message lists with message lists, and a true/false label."""
+    if set(example) not in EXAMPLE_KEYS:
+        return False
+    kind = type(example["prompt"])
+    replies = [example[key] for key in ("completion", "chosen", "rejected") if key in example]
+    return kind in (str, list) and all(isinstance(reply, kind) for reply in replies) and \
+        isinstance(example.get("label", True), bool)
+
+
 def response_example(example: dict) -> dict | None:
     """The prompt/completion whose response loss an example is scored on (eval, merge verification): an SFT example
     itself, a pair's chosen reply, a desirable KTO row; None for an undesirable one."""

@@ -69,6 +69,8 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
     for number, item in enumerate(raw.rows, start=1):
         example = data_format.to_example(item, template) if isinstance(item, dict) else \
             f"not an object ({type(item).__name__})"
+        if isinstance(example, dict) and not _valid_unicode(example):
+            example = "text that is not valid Unicode (a lone surrogate, e.g. \\ud800 in JSON)"
         if isinstance(example, str):
             dropped[example].append(number)
         else:
@@ -76,6 +78,7 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
     if not rows and all(reason.startswith("missing") for reason in dropped):
         raise _wrong_columns(raw.rows[0], recipe, template, source)
     if tokenizer is not None:
+        _check_chat_template(rows, tokenizer, recipe, source)
         rows = _tokenized(rows, tokenizer, data.max_length, dropped, kind)
     if not rows:
         raise fail(source, "data", f"no usable rows: {dropped_summary(dropped, len(raw.rows))}",
@@ -87,6 +90,27 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
     if recipe.train.method == "kto" and kind == "pairs":  # KTO trains on each reply alone; validation keeps the pairs
         train = [one for row in train for one in unpaired(row)]
     return PreparedData(train, validation, raw.sha256, len(raw.rows), dict(dropped))
+
+
+def _valid_unicode(value) -> bool:
+    """Every text in an example encodes as UTF-8: JSON can spell half of a surrogate pair, which no tokenizer takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_valid_unicode(item) for item in value.values())
+    return all(_valid_unicode(item) for item in value) if isinstance(value, list) else True
+
+
+def _check_chat_template(rows: list[Row], tokenizer, recipe: Recipe, source: str) -> None:
+    """Message-list rows are rendered by the tokenizer's chat template: without one there is no prompt to train."""
+    if rows and isinstance(rows[0].example["prompt"], list) and not tokenizer.chat_template:
+        raise fail(source, "data.format", f"{recipe.data.format!r} rows are conversations, which the tokenizer's chat "
+                   "template renders, and this tokenizer has none", "use a tokenizer with a chat template "
+                   "(model.tokenizer), or rows in a text format (alpaca, preference, kto)")
 
 
 def unpaired(row: Row) -> list[Row]:

@@ -64,6 +64,9 @@ def _parse_json(text: str, path: Path, source: str) -> list:
     except json.JSONDecodeError as exc:
         raise fail(source, "data.path", f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})",
                    "fix the file, or use .jsonl with one object per line") from None
+    except RecursionError:
+        raise fail(source, "data.path", f"{str(path)!r} nests lists or objects too deeply to read",
+                   "write the rows as a flat JSON list of objects") from None
     if not isinstance(rows, list):
         raise fail(source, "data.path", f"{str(path)!r} holds a JSON {type(rows).__name__}, not a list of rows",
                    "write the rows as a JSON list of objects")
@@ -80,6 +83,9 @@ def _parse_jsonl(text: str, path: Path, source: str) -> list:
         except json.JSONDecodeError as exc:
             raise fail(source, "data.path", f"{str(path)!r} line {number} is not valid JSON ({exc.msg})",
                        "fix that line; each line must be one JSON object") from None
+        except RecursionError:
+            raise fail(source, "data.path", f"{str(path)!r} line {number} nests lists or objects too deeply to "
+                       "read", "fix that line; each line must be one flat JSON object") from None
     return rows
 
 

@@ -2,6 +2,7 @@
 the run's own validation rows (or a data file), with greedy generations side by side; for a preference run also the
 start adapter, and each model's preference accuracy and reward margin (preference.py). Writes eval.json and eval.md
 into the folder evaluated."""
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from tqdm.auto import tqdm
 
 from ..data.formats import response_example
 from ..errors import fail
-from ..run_folder import RunFolder, write_atomically
+from ..outputs import Output, write_text
+from ..run_folder import RunFolder
 from ..verify.scoring import batches, loss, perplexity, tokenized_rows
 from .preference import PairLogps, pair_logps, preference_score, tokenized_pairs
 
@@ -106,11 +108,15 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     max_length = recipe.data.max_length if recipe else DEFAULT_MAX_LENGTH
     responses = [e for e in map(response_example, examples) if e is not None]
     tokenized = tokenized_rows(tokenizer, responses, max_length)
+    if not any(row.completion_ids for row in tokenized):
+        raise fail(source, "--data" if data else RunFolder.VALIDATION, f"the {len(examples)} rows of {where} give no "
+                   "response tokens to score (no row with a response, or a desirable one, that fits "
+                   f"{max_length} tokens)", "pass --data FILE with rows that have responses")
     scored_rows = batches(tokenized, tokenizer.pad_token_id or 0)
     pairs = tokenized_pairs(tokenizer, [e for e in examples if "chosen" in e], max_length) if pool else []
-    models, logps = [], {}
+    models, logps, start = [], {}, None
     if pool is not None:
-        start = recipe.init.adapter
+        start = target.start_adapter()  # as pinned when the run trained: wherever eval runs from
         if start is not None:
             pool.add("start", start)
         for name, adapter in (("base", None), ("start (init.adapter)", "start" if start else None),
@@ -132,8 +138,11 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     report = EvalReport(str(target.path), where, held_out, len(tokenized), sum(len(b.targets) for b in scored_rows),
                         models, str(pool.model.dtype).removeprefix("torch.") if pool else None,
                         _generations(pool, tokenized, generate, max_new_tokens) if pool else [], len(pairs), reference)
-    target.write_json(RunFolder.EVAL_JSON, asdict(report))
-    write_atomically(target / RunFolder.EVAL_MD, report.markdown())
+    written = Output(target / RunFolder.EVAL_JSON, "FOLDER", "evaluation report", {
+        "--data file": data, "--merged export": merged, "base": pool.base_id if pool else None,
+        "start adapter": start}, source, beside=(".md",))
+    write_text(written.final, json.dumps(asdict(report), indent=2) + "\n")
+    write_text(written.beside[0], report.markdown())
     return report
 
 
@@ -153,7 +162,7 @@ def _score_preferences(models: list[Scored], logps: dict[str, PairLogps], recipe
 
 def _check_merged(merged: Path, source: str) -> None:
     """Refused before any model loads: not a model folder, a run folder, or weights that are not safetensors."""
-    from ..export.base_reader import base_shards
+    from ..weights.shards import base_shards
 
     if not (merged / "config.json").is_file() or RunFolder(merged).has_adapter:
         raise fail(source, "--merged", f"{str(merged)!r} is not a merged model folder",

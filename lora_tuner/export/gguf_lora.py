@@ -7,7 +7,6 @@ adapter.type "lora", adapter.lora.alpha, and for each adapted weight NAME.lora_a
 NAME.lora_b (B, [out, rank]) under the base tensor's GGUF name, B's rows permuted as the base's Q and K rows are.
 llama.cpp scales by alpha / rank, rank read from each tensor. Written here with the `gguf` package because no installed
 library turns a PEFT adapter into this file (llama.cpp's converter is a script in its source tree)."""
-import os
 import time
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch
 from ..errors import fail
 from ..run_folder import RunFolder
 from ..verify import ROWS
-from .gguf_export import check_out, write_modelfile
-from .gguf_reader import model_file_type
+from .gguf_export import gguf_output, write_modelfile, write_report
+from ..weights.gguf import gguf_shapes, model_file_type
 from .gguf_writer import GgufExporter
 from .lora_deltas import LoraDeltas
 from .merge import resolve_base, tokenizer_source
@@ -28,47 +27,55 @@ from .report import ExportReport
 def export_gguf_lora(source: str | Path, out: str | Path, base_gguf: str | Path | None, verify: bool = True,
                      verify_rows: int | None = None, force: bool = False) -> ExportReport:
     started = time.time()
-    source, out = Path(source), Path(out).expanduser().resolve()
+    source = Path(source)
     name = str(source)
     run = RunFolder(source)
     if not run.has_adapter:
         raise fail(name, "SOURCE", "holds no adapter (adapter_config.json + adapter_model.safetensors)",
                    "point at a run folder or a PEFT adapter folder")
-    if base_gguf is None:
+    if base_gguf is None or str(base_gguf).strip() == "":
         raise fail(name, "--base-gguf", "a LoRA GGUF is applied over its base's GGUF, and none was given",
                    "export the base first (lora-tune export BASE --out base.gguf) and pass --base-gguf base.gguf")
     base_gguf = Path(base_gguf).expanduser().resolve()
     base_type = model_file_type(base_gguf, name, "--base-gguf")
-    check_out(source, out, force, name)
-    deltas = LoraDeltas(run.path, name)
     base_folder = resolve_base(None, run, name)
+    target = gguf_output(out, {"SOURCE": source, "base": base_folder, "base GGUF": base_gguf}, name)
+    target.check_new(force)
+    deltas = LoraDeltas(run.path, name)
+    exporter = GgufExporter(base_folder, "f16", name, model_name=source.resolve().name)
+    _check_fit(exporter, deltas, base_gguf, name)  # llama.cpp crashes the process on a pair that does not fit
     if verify:
         _check_memory(base_folder, base_gguf, deltas, verify_rows or ROWS, name)
-    exporter = GgufExporter(base_folder, "f16", name, model_name=source.resolve().name)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        _write(exporter, deltas, partial, name)
+    with target.writing() as partial:
+        _write(exporter, deltas, partial)
         verification = _verify(partial, base_gguf, base_type, run, base_folder, deltas, verify_rows or ROWS, name) \
             if verify else None
-        report = ExportReport(source=str(source.resolve()), merged_on_the_fly=False, file=str(out), type="f16",
-                              bytes=partial.stat().st_size, seconds=time.time() - started, chat_template=False,
-                              modelfile=str(out.with_suffix(".Modelfile")), applies_to=str(base_gguf),
+        report = ExportReport(source=str(source.resolve()), merged_on_the_fly=False, file=str(target.final),
+                              type="f16", bytes=partial.stat().st_size, seconds=time.time() - started,
+                              chat_template=False, modelfile=str(target.beside[0]), applies_to=str(base_gguf),
                               verification=verification)
-        out.with_suffix(".export_report.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        if verification is not None and not verification.passed:
-            raise fail(name, "verification", f"llama.cpp, applying the adapter over {base_gguf.name}, agrees with base "
-                       f"+ adapter on {verification.top1_agreement:.1%} of top-1 tokens (needs "
-                       f"{verification.min_top1:.1%})" + ("" if verification.tokenizer_round_trip else
-                                                          " and the base GGUF tokenizes text differently"),
-                       "pass the GGUF of the base this adapter was trained on; the report is beside --out")
-        write_modelfile(run.path, tokenizer_source(run, base_folder), out, [f"FROM {base_gguf}", f"ADAPTER ./{out.name}"])
-        os.replace(partial, out)  # last: the .gguf appears only when complete and verified
-    finally:
-        partial.unlink(missing_ok=True)
+        write_report(target, report, "f16")
+        write_modelfile(run.path, tokenizer_source(run, base_folder), target.final,
+                        [f"FROM {base_gguf}", f"ADAPTER ./{target.final.name}"])
+        target.finish()
     return report
 
 
-def _write(exporter: GgufExporter, deltas: LoraDeltas, path: Path, source: str) -> None:
+def _check_fit(exporter: GgufExporter, deltas: LoraDeltas, base_gguf: Path, name: str) -> None:
+    """Every adapted weight has its place in the base GGUF, with the adapter's shape: compared here, tensor by
+    tensor, because llama.cpp given a pair that does not fit ends the whole process (a segmentation fault), and a
+    file written without the check crashes llama.cpp and Ollama on the first token."""
+    places = {key: exporter.tensor_name(key) for key in sorted(deltas.targets)}
+    for key, place in places.items():
+        if place is None:
+            raise fail(name, "adapter", f"{key!r} has no place in a llama GGUF", "export the merged model instead "
+                       "(lora-tune export RUN --format gguf)")
+    shapes = gguf_shapes(base_gguf)
+    deltas.adapter.check_fits({key: shapes[place] for key, place in places.items() if place in shapes},
+                              str(base_gguf), "--base-gguf")
+
+
+def _write(exporter: GgufExporter, deltas: LoraDeltas, path: Path) -> None:
     """lora_a and lora_b of every adapted weight, in f16. One alpha serves the file: an adapter whose modules differ
     in scale (rank_pattern, rsLoRA with several ranks) has the difference folded into its B."""
     import gguf
@@ -82,10 +89,7 @@ def _write(exporter: GgufExporter, deltas: LoraDeltas, path: Path, source: str) 
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for key in keys:
-        name = exporter.tensor_name(key)
-        if name is None:
-            raise fail(source, "adapter", f"{key!r} has no place in a llama GGUF", "export the merged model instead "
-                       "(lora-tune export RUN --format gguf)")
+        name = exporter.tensor_name(key)  # every adapted weight has one (_check_fit)
         left, right, scale = deltas.factors(key)  # left = B [out, rank], right = A [rank, in]
         b = exporter.rotary_layout(left * (scale * right.shape[0] / alpha), name)
         writer.add_tensor(f"{name}.lora_a", _f16(right))

@@ -13,15 +13,13 @@ import numpy as np
 import torch
 
 from ..errors import fail
+from ..weights.gguf import FILE_TYPES
 from . import kquants
 from .weights import MergedWeights
 
 # --type -> the type of the weight matrices; a k-quant mix (_m) moves some to Q6_K as llama-quantize does (_k_type)
 TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K",
          "q6_k": "Q6_K", "q4_k": "Q4_K", "q5_k": "Q5_K"}
-FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
-              "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K",
-              "q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M"}  # plain: llama-quantize --pure Q4_K_M / Q5_K_M
 MIXES = ("q4_k_m", "q5_k_m", "q6_k")  # llama-quantize's per-tensor rules apply (llama-quant.cpp)
 # A k-quant's rows are whole 256-value blocks; llama.cpp falls back to these for rows that are not (tensor_type_fallback)
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}

@@ -1,37 +1,27 @@
 """The adapter as weight deltas: each targeted base weight gets scale * B @ A added, row block by row block, in fp32."""
-import math
 from pathlib import Path
 
 import torch
 
-from ..errors import fail
-from ..run_folder import RunFolder
-from ..safe_files import open_safetensors
+from ..weights.adapter import LoraAdapter
 
-PEFT_PREFIX = "base_model.model."
 CHECK_STRIDE = 16  # check_rows checks every 16th row of a chunk
 
 
 class LoraDeltas:
+    """An accepted adapter (weights/adapter.py) as the deltas merge and the LoRA GGUF apply, in fp32."""
+
     def __init__(self, folder: Path, source: str):
-        adapter = RunFolder(folder)
-        if not adapter.has_adapter:
-            hint = " (pickled adapter_model.bin is not read)" if (folder / "adapter_model.bin").exists() else ""
-            raise fail(source, "adapter", f"{str(folder)!r} has no adapter_config.json + adapter_model.safetensors"
-                       f"{hint}", "point at a run folder or a PEFT adapter saved as safetensors")
-        config = adapter.adapter_config()
-        _refuse_unsupported(config, source)
-        self.config = config
-        self.fan_in_fan_out = config.get("fan_in_fan_out", False)
-        self._alpha = config["lora_alpha"]
-        self._rslora = config.get("use_rslora", False)
-        with open_safetensors(adapter / RunFolder.ADAPTER_WEIGHTS, source, "adapter") as weights:
-            tensors = {key: weights.get_tensor(key) for key in weights.keys()}
-        self.targets = {_base_key(key) for key in tensors if ".lora_A." in key}
-        self._factors = {key: self._delta_factors(key, tensors, source) for key in self.targets}
+        self.adapter = LoraAdapter(folder, source)
+        self._factors = {name: (pair.a.T, pair.b.T, pair.scale) if self.adapter.fan_in_fan_out else
+                         (pair.b, pair.a, pair.scale) for name, pair in self.adapter.pairs.items()}
         # scale * each row's largest |A| entry, for check_rows' bound: once, not per chunk
         self._peaks = {key: right.abs().amax(dim=1, keepdim=True).mul_(scale)
                        for key, (_, right, scale) in self._factors.items()}
+
+    @property
+    def targets(self) -> set[str]:
+        return self.adapter.targets
 
     def merge_rows(self, base_key: str, rows: torch.Tensor, first_row: int, out: torch.Tensor,
                    scratch: torch.Tensor) -> None:
@@ -74,20 +64,6 @@ class LoraDeltas:
         slack = exact.abs().clamp_min_(kind.smallest_normal).mul_(kind.eps).add_(terms)
         return bool(((got - exact).abs_() <= slack).all())
 
-    def _delta_factors(self, base_key: str, tensors: dict, source: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(left, right, scale) with delta = scale * left @ right in the base's weight layout, in fp32."""
-        stem = PEFT_PREFIX + base_key.removesuffix(".weight")
-        if f"{stem}.lora_B.weight" not in tensors:
-            raise fail(source, "adapter", f"{stem}.lora_A has no lora_B beside it", "re-save the adapter")
-        a = tensors[f"{stem}.lora_A.weight"].float()
-        b = tensors[f"{stem}.lora_B.weight"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise fail(source, "adapter", f"{stem}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not one "
-                       "low-rank pair", "re-save the adapter")
-        rank = a.shape[0]
-        scale = self._alpha / (math.sqrt(rank) if self._rslora else rank)
-        return (a.T, b.T, scale) if self.fan_in_fan_out else (b, a, scale)  # fan_in_fan_out: weight stored transposed
-
     def factors(self, base_key: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(left, right, scale): the delta of the weight `base_key` is scale * left @ right, in its layout, fp32."""
         return self._factors[base_key]
@@ -95,28 +71,8 @@ class LoraDeltas:
     @property
     def params(self) -> int:
         """The adapter's LoRA weights, counted."""
-        return sum(left.numel() + right.numel() for left, right, _ in self._factors.values())
+        return self.adapter.params
 
     def delta_shape(self, base_key: str) -> list[int]:
         """The shape of B @ A (as the base stores the weight), without computing it."""
-        left, right, _ = self._factors[base_key]
-        return [left.shape[0], right.shape[1]]
-
-
-def _base_key(adapter_key: str) -> str:
-    return adapter_key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
-
-
-def _refuse_unsupported(config: dict, source: str) -> None:
-    if config.get("peft_type") != "LORA":
-        raise fail(source, "adapter_config.json", f"peft_type {config.get('peft_type')!r} is not LoRA",
-                   "only LoRA adapters can be merged")
-    if config.get("use_dora"):
-        raise fail(source, "adapter_config.json", "use_dora is true: DoRA's magnitude rescaling is not merged here",
-                   "use the adapter unmerged (peft), or train with lora.dora: false")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise fail(source, "adapter_config.json", "rank_pattern/alpha_pattern are set",
-                   "merge with peft's merge_and_unload for adapters with per-module ranks")
-    if config.get("modules_to_save"):
-        raise fail(source, "adapter_config.json", f"modules_to_save {config['modules_to_save']} holds full weights",
-                   "merge with peft's merge_and_unload for such adapters")
+        return self.adapter.delta_shape(base_key)

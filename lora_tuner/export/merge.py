@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from .. import sizes
-from ..atomic_folder import AtomicFolder
 from ..config.schema import QuantizationSection, Recipe
 from ..errors import fail
+from ..outputs import OutputFolder
 from ..run_folder import RunFolder
 from ..verify import ROWS
-from .base_reader import base_shards, plan_entries
+from ..weights.shards import base_shards, plan_entries
 from .lora_deltas import LoraDeltas
 from .model_card import model_card
 from .report import MergeReport
@@ -53,7 +53,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     targets = _merge_targets(into, quantization, verify, source)
     out_dtype = _default_dtype(recipe, base_folder) if dtype is None else Choice(DTYPES[dtype], "--dtype")
     entries = plan_entries(base_shards(base_folder, source), out_dtype.value, source)
-    _check_fit(deltas, entries, base_folder, source)
+    deltas.adapter.check_fits({entry.name: entry.shape for entry in entries}, str(base_folder), "--base")
     if verify:
         verify_rows = verify_rows or ROWS
     _check_memory(base_folder, entries, deltas, verify_rows if verify else None, "dequantized" in targets.value,
@@ -63,13 +63,12 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
                    "verification scores text", "copy the base model's tokenizer files into its folder, or pass "
                    "--no-verify")
 
-    folder = AtomicFolder(Path(out), source, field="--out", what="model export")
-    folder.check_not_input({"adapter": run.path, "base": base_folder})
+    folder = OutputFolder(out, "--out", "model export", {"adapter": run.path, "base": base_folder}, source)
     folder.check_free(force)
     _check_disk(sum(e.nbytes for e in entries) * len(targets.value), folder.final.parent, source)
     max_bytes = sizes.parse(shard_size, source, "--shard-size")
     with folder.writing() as work:  # a failed verification keeps the export there, below, for a look
-        places = {target: work if i == 0 else work.with_name(f"{work.name}-{target}")
+        places = {target: work if i == 0 else folder.temporary(f"partial-{target}")
                   for i, target in enumerate(targets.value)}
         try:
             with _write_limits_as_one_line(max_bytes, work, source):
@@ -109,7 +108,7 @@ def _check(run: RunFolder, places: dict, targets: Choice, base_folder: Path, qua
     streamed a module at a time (verify/streamed.py), so this needs a few tensors in memory at any model size."""
     if not verify:
         return Choice(targets.value[0], targets.reason), {}, None
-    from ..verify.streamed import config_of
+    from ..weights.weight_map import config_of
     from ..verify.verdict import export_loss, verification_rows, verify_merge
     from .weights import streamed_source
 
@@ -165,7 +164,7 @@ def _verification_fix(dtype: torch.dtype) -> str:
 @contextmanager
 def _write_limits_as_one_line(max_bytes: int, work: Path, source: str):
     """A file system that caps file sizes (FAT32: 4 GB), met while writing the export: one line that says what to
-    change (a full disk is AtomicFolder.writing's)."""
+    change (a full disk is OutputFolder.writing's)."""
     try:
         yield
     except OSError as exc:
@@ -222,18 +221,6 @@ def _default_dtype(recipe: Recipe | None, base_folder: Path) -> Choice:
 def _config_dtype(base_folder: Path) -> str:
     config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
     return config.get("dtype") or config.get("torch_dtype") or "float32"
-
-
-def _check_fit(deltas: LoraDeltas, entries, base_folder: Path, source: str) -> None:
-    """Every adapted weight must exist in the base with the delta's shape, or the merge would be wrong."""
-    shapes = {entry.name: list(entry.shape) for entry in entries}
-    for key in sorted(deltas.targets):
-        if key not in shapes:
-            raise fail(source, "adapter", f"targets {key!r}, which base {str(base_folder)!r} does not have",
-                       "pass the --base this adapter was trained on")
-        if deltas.delta_shape(key) != shapes[key]:
-            raise fail(source, "adapter", f"{key!r} is {deltas.delta_shape(key)} in the adapter but {shapes[key]} in "
-                       f"base {str(base_folder)!r}", "pass the --base this adapter was trained on")
 
 
 def _check_memory(base_folder: Path, entries, deltas: LoraDeltas, rows: int | None, round_trip: bool,

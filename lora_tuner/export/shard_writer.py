@@ -4,8 +4,8 @@ import json
 import os
 from pathlib import Path
 
-from .base_reader import INDEX, Entry
-from .safetensors_layout import encode_header
+from ..weights.shards import INDEX, Entry
+from ..weights.safetensors import encode_header
 
 
 class StreamingShards:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .base_reader import Entry
+from ..weights.shards import Entry
 from .shard_writer import StreamingShards
 from .weights import MergedWeights
 

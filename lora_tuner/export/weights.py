@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 
 from ..config.schema import QuantizationSection
-from ..verify.streamed import WeightMap, config_of, tied_aliases
-from .base_reader import Entry, base_shards, mapped_rows, plan_entries
+from ..weights.weight_map import WeightMap, config_of, tied_aliases
+from ..weights.shards import Entry, base_shards, mapped_rows, plan_entries
 from .lora_deltas import LoraDeltas
 
 

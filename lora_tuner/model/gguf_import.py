@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_folder import AtomicFolder
 from ..errors import fail
+from ..outputs import OutputFolder
 
 
 def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False) -> Path:
@@ -16,8 +16,7 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", forc
     source = str(file)
     if not file.is_file() or _magic(file) != b"GGUF":
         raise fail(source, "FILE", "not a GGUF file", "point at a .gguf model file")
-    folder = AtomicFolder(Path(out), source, field="--out", what="model")
-    folder.check_not_input({"GGUF file": file})
+    folder = OutputFolder(out, "--out", "model", {"GGUF file": file}, source)
     folder.check_free(force)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=getattr(torch, dtype))
@@ -42,7 +41,7 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str = "bfloat16", forc
 def _check_complete(file: Path, loaded, source: str) -> None:
     """transformers fills weights a GGUF lacks with random values, silently: every parameter must come from the
     file (read through transformers' own GGUF name map)."""
-    from ..export.gguf_reader import gguf_weight_map
+    from ..weights.gguf import gguf_weight_map
 
     weights = gguf_weight_map(file, loaded.config)
     missing = [name for name, _ in loaded.named_parameters() if name not in weights]

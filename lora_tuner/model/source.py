@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..config.schema import ModelSection
 from ..data.reading import is_local
 from ..errors import fail, show
-from ..safe_files import open_safetensors
+from ..weights.safetensors import open_safetensors
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -42,8 +42,8 @@ class Shape:
     @classmethod
     def of_folder(cls, folder: Path, source: str) -> "Shape":
         """From a model folder's config.json and safetensors headers (nothing loaded)."""
-        from ..export.base_reader import base_shards
-        from ..export.safetensors_layout import read_header
+        from ..weights.shards import base_shards
+        from ..weights.safetensors import read_header
 
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         config = config.get("text_config", config)
@@ -114,7 +114,9 @@ def loaded_model(shape: Shape, dtype_bytes: float, what: str, extra: dict[str, i
 
 def available() -> tuple[int, str]:
     """(bytes, where that figure comes from): LORA_TUNE_MEMORY when set, else this machine's available memory."""
-    if os.environ.get(ENVIRONMENT):
+    if ENVIRONMENT in os.environ:  # set but empty is a mistake to say, not a budget to ignore
+        if not os.environ[ENVIRONMENT].strip():
+            raise fail(ENVIRONMENT, "value", "is set but empty", f"unset {ENVIRONMENT}, or give a size such as 4GB")
         return sizes.parse(os.environ[ENVIRONMENT], ENVIRONMENT, "value"), ENVIRONMENT
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():

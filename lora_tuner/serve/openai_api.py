@@ -21,6 +21,7 @@ from ..adapters.compat import adapter_name
 from ..adapters.pool import AdapterPool
 from ..errors import UserError
 from .batcher import Batcher, Job, Sampling
+from .hosts import HostCheck, is_loopback
 
 DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens; OpenAI's completions default is 16
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes of a request body; a context of 2,048 tokens is ~10 KB of text
@@ -130,8 +131,9 @@ class AdapterRequest(BaseModel):
 
 def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None = None, max_batch: int = 8,
                context_length: int | None = None, max_body: int = DEFAULT_MAX_BODY,
-               adapter_root: Path | None = None) -> FastAPI:
-    """adapter_root: POST /v1/adapters loads only folders under it, or those the pool held at start."""
+               adapter_root: Path | None = None, host: str = "127.0.0.1") -> FastAPI:
+    """adapter_root: POST /v1/adapters loads only folders under it, or those the pool held at start. host: the
+    address the server binds; on loopback, requests must name a loopback host (HostCheck)."""
     batcher = Batcher(pool, max_batch=max_batch)
     context = context_length or getattr(pool.model.config, "max_position_embeddings", None)
     allowed = {path.resolve() for path in pool.paths.values()}
@@ -145,6 +147,8 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
 
     app = FastAPI(title="lora-tune", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    if is_loopback(host):
+        app.add_middleware(HostCheck)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

@@ -1,8 +1,6 @@
 """Crash safety for training: resuming from the newest sealed checkpoint, sealing them, stopping on a signal, and a
 full disk as one line. The checkpoint layout and the seal belong to run_folder."""
-import errno
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -15,6 +13,7 @@ from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..errors import fail
+from ..outputs import disk_full
 from ..run_folder import RunFolder, seal
 
 
@@ -95,25 +94,10 @@ def disk_full_is_a_user_error(work: RunFolder, source: str):
     try:
         yield
     except Exception as exc:
-        if not _is_disk_full(exc, work.path):
+        if not disk_full(exc, work.path):
             raise
         newest = work.newest_sealed_checkpoint(lambda message: None)
         kept = f"{newest.name} is intact" if newest else "no checkpoint was completed"
         again = "run again with --resume" if newest else "run again"
         raise fail(source, "output", f"no space left on the device of {str(work.path)!r} while saving; {kept}",
                    f"free some space, then {again}") from None
-
-
-FULL_BELOW = 16 * 2**20  # bytes free: a failed write with this little room left was the disk filling up
-
-
-def _is_disk_full(exc: BaseException | None, folder: Path) -> bool:
-    """torch.save reports a full disk as "basic_ios::clear: iostream error" or an "enforce fail" with no errno, so
-    the disk itself is asked too."""
-    first = exc
-    while exc is not None:
-        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return isinstance(first, (OSError, RuntimeError)) and folder.exists() and \
-        shutil.disk_usage(folder).free < FULL_BELOW

@@ -12,7 +12,8 @@ import torch
 from ..config import Recipe, dump_recipe
 from ..data.prepare import PreparedData
 from ..model.dtypes import native_dtype
-from ..run_folder import BaseModelRecord, DataRecord, LossRecord, RunManifest, TrainRecord
+from ..run_folder import BaseModelRecord, DataRecord, LossRecord, PinRecord, RunManifest, TrainRecord
+from ..weights.fingerprint import fingerprint
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "lora-tune")
 
@@ -62,7 +63,15 @@ def _cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def run_manifest(recipe: Recipe, source: str, data: PreparedData, base_path: str, metrics: list[dict], *,
+def pin(adapter: str | None) -> PinRecord | None:
+    """The start adapter as the run read it: resolved, fingerprinted (eval measures against exactly this one)."""
+    if adapter is None:
+        return None
+    folder = Path(adapter).expanduser().resolve()
+    return PinRecord(path=str(folder), fingerprint=fingerprint(folder))
+
+
+def run_manifest(recipe: Recipe, source: str, data: PreparedData, base: tuple[str, str | None], metrics: list[dict], *,
                  steps: int, tokens: int, train_seconds: float, session_tokens: int, fast_path: list[str],
                  resumed_from: str | None, world_size: int, started: str) -> RunManifest:
     losses = [row["loss"] for row in metrics if "loss" in row]
@@ -75,8 +84,9 @@ def run_manifest(recipe: Recipe, source: str, data: PreparedData, base_path: str
         versions=versions(),
         git_commit=git_commit(),
         seed=recipe.train.seed,
-        base_model=BaseModelRecord(name_or_path=base_path, revision=recipe.model.revision, init=recipe.model.init,
-                                   quantization=recipe.quantization),
+        base_model=BaseModelRecord(name_or_path=base[0], revision=recipe.model.revision, init=recipe.model.init,
+                                   quantization=recipe.quantization, fingerprint=base[1]),
+        init_adapter=pin(recipe.init.adapter),
         data=DataRecord(path=recipe.data.path, sha256=data.sha256, rows_read=data.rows_read,
                         train_rows=len(data.train), eval_rows=len(data.eval),
                         dropped_rows=sum(len(rows) for rows in data.dropped.values()), dropped=data.dropped),

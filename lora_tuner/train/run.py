@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
-from ..atomic_folder import AtomicFolder
 from ..config import Recipe, dump_recipe
 from ..data.prepare import PreparedData, prepare_data
+from ..data.reading import BUILTIN, is_local
 from ..data.tokenize import training_chat_template
 from ..errors import UserError, fail
 from ..model.compile import compile_decoder_layers
@@ -25,8 +25,10 @@ from ..model.lora_function import fused_lora_layers
 from ..model.packing_check import packing_is_isolated
 from ..model.source import check_base_source
 from ..model.tokenizer import load_tokenizer
+from ..outputs import OutputFolder
 from ..preflight import check_environment, check_init_adapter, check_model_fit
 from ..run_folder import RunFolder, RunManifest
+from ..weights.fingerprint import fingerprint
 from .checkpoints import Interrupted, StopOnSignal, completed, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
 from .manifest import now, run_manifest
@@ -69,13 +71,13 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     Under torchrun / accelerate launch every rank calls this; only rank 0 writes the run folder."""
     ranks = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun ranks talk over gloo
     log = log if ranks.is_main_process else _quiet
-    folder = AtomicFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, source,
-                          field="output", what="run",
-                          resumable=lambda partial: RunFolder(partial).newest_sealed_checkpoint(_quiet) is not None)
-    folder.check_free(force, resume)  # read-only checks run on every rank, so all ranks stop on bad input
-    check_base_source(recipe.model, source)
+    check_base_source(recipe.model, source)  # read-only checks run on every rank, so all ranks stop on bad input
     check_environment(recipe, source)
     check_init_adapter(recipe, source)
+    folder = OutputFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, "output", "run",
+                          run_inputs(recipe), source,
+                          resumable=lambda partial: RunFolder(partial).newest_sealed_checkpoint(_quiet) is not None)
+    folder.check_free(force, resume)
     recipe, fast_path = resolve_fast_path(recipe, source)
     work = RunFolder(folder.partial)
     checkpoint = resume_point(work, dump_recipe(recipe), source, log) if resume else None
@@ -106,6 +108,15 @@ def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force
     return RunResult(folder.final, manifest, model)
 
 
+def run_inputs(recipe: Recipe) -> dict[str, str | None]:
+    """What a run reads from disk, which its run folder must never replace or lie inside."""
+    model = recipe.model
+    local = {"base": model.name_or_path if model.init == "pretrained" else None, "tokenizer": model.tokenizer,
+             "data file": recipe.data.path if recipe.data.path not in BUILTIN else None}
+    return {"start adapter": recipe.init.adapter,
+            **{name: path for name, path in local.items() if path and path != "bytes" and is_local(path)}}
+
+
 def _quiet(message: str) -> None:
     """Ranks other than 0 say nothing; rank 0 speaks for the run."""
 
@@ -121,8 +132,9 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
                 build_random_base(recipe.model, recipe.train.seed, built, source)
         base = load_base(recipe.model, recipe.quantization, str(built), source, sharded)
         base_path = str(final / RunFolder.BASE_MODEL)  # where it lives once the run folder is in place
+        pinned = fingerprint(built) if ranks.is_main_process else None
     else:
-        base_path = recipe.model.name_or_path
+        base_path, pinned = pin_base(recipe.model.name_or_path)
         base = load_base(recipe.model, recipe.quantization, base_path, source, sharded)
     attention = base.config._attn_implementation
     why = "recipe" if recipe.model.attn_implementation != "auto" else \
@@ -158,13 +170,20 @@ def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: Run
     if not ranks.is_main_process:
         return model, None  # rank 0 writes the run folder and its manifest
     manifest = run_manifest(
-        recipe, source, data, base_path, work.metrics(), steps=trainer.state.global_step,
+        recipe, source, data, (base_path, pinned), work.metrics(), steps=trainer.state.global_step,
         tokens=int(trainer.state.num_input_tokens_seen), train_seconds=progress.train_seconds,
         session_tokens=progress.session_tokens, fast_path=fast_path + trainer.fast_path_notes(),
         resumed_from=checkpoint.name if checkpoint else None, world_size=ranks.num_processes, started=started)
     with disk_full_is_a_user_error(work, source):
         _save(model, tokenizer, recipe, work, base_path, manifest)
     return model, manifest
+
+
+def pin_base(name: str) -> tuple[str, str | None]:
+    """(where the base is, its fingerprint): a local folder resolved to an absolute path and fingerprinted, so merge
+    and eval find exactly it from any directory; a hub id as it is."""
+    folder = Path(name).expanduser()
+    return (str(folder.resolve()), fingerprint(folder)) if folder.is_dir() else (name, None)
 
 
 def _save(model: PeftModel, tokenizer, recipe: Recipe, work: RunFolder, base_path: str,

@@ -16,8 +16,8 @@ PAGES = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
 def create_ui_app(root: Path, pool: AdapterPool, base_name: str = "base", api_key: str | None = None,
-                  max_batch: int = 8) -> FastAPI:
-    app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch)
+                  max_batch: int = 8, host: str = "127.0.0.1") -> FastAPI:
+    app = create_app(pool, base_name=base_name, api_key=api_key, max_batch=max_batch, host=host)
     authorized = [Depends(app.state.authorize)]
 
     def folder(name: str):
@@ -38,8 +38,8 @@ def create_ui_app(root: Path, pool: AdapterPool, base_name: str = "base", api_ke
 
     @app.get("/ui/api/runs", dependencies=authorized)
     async def run_list():
-        return {"root": str(root), "base": base_name, "served": pool.names,
-                "runs": [runs.summary(name, found) for name, found in runs.run_folders(root).items()]}
+        return {"root": runs.shown_name(str(root)), "base": base_name, "served": pool.names,
+                "runs": [runs.listed(name, found) for name, found in runs.run_folders(root).items()]}
 
     @app.get("/ui/api/runs/{name}", dependencies=authorized)
     async def run_detail(name: str):
@@ -47,9 +47,6 @@ def create_ui_app(root: Path, pool: AdapterPool, base_name: str = "base", api_ke
 
     @app.get("/ui/api/runs/{name}/metrics", dependencies=authorized)
     async def run_metrics(name: str, since: int = 0):
-        """Rows after the first `since`: the page polls this while a run trains (metrics.jsonl only grows)."""
-        found = folder(name)
-        rows = found.metrics()
-        return {"rows": rows[max(since, 0):], "count": len(rows), "state": runs.state(found)}
+        return runs.metrics(folder(name), since)
 
     return app

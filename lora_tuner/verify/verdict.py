@@ -83,6 +83,10 @@ def verification_rows(run: RunFolder, tokenizer_folder: Path, config, rows: int 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     max_length = run.recipe().data.max_length if run.is_run else MAX_LENGTH
     tokenized = tokenized_rows(tokenizer, examples[:rows], min(max_length, MAX_LENGTH))
+    if not any(row.completion_ids for row in tokenized):
+        raise fail(str(tokenizer_folder), "verification", f"the {len(examples[:rows])} verification rows give no "
+                   "response tokens to score (the tokenizer encodes them to nothing, or every row is longer than "
+                   f"{min(max_length, MAX_LENGTH)} tokens)", "check the tokenizer files, or pass --no-verify")
     texts = [e["prompt"] + e["completion"] for e in examples[:rows] if isinstance(e["prompt"], str)]
     pad = tokenizer.pad_token_id or 0
     if packs_apart(config):

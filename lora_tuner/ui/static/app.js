@@ -146,7 +146,8 @@ async function runsView() {
     const body = runs.map((run) => el("tr", {"data-name": run.name},
       el("td", {}, el("input", {type: "checkbox", value: run.name})),
       el("td", {class: "text"}, el("a", {href: `#/run/${encodeURIComponent(run.name)}`, text: run.name})),
-      el("td", {class: "text"}, el("span", {class: `state ${run.state}`, text: run.state})),
+      el("td", {class: "text"}, el("span", {class: `state ${run.state}`, text: run.state, title: run.problem || ""}),
+        run.problem ? el("div", {class: "problem", text: run.problem}) : null),
       el("td", {class: "text", text: run.method}),
       el("td", {class: "text", title: run.base, text: shortPath(run.base)}),
       el("td", {text: run.max_steps ? `${run.steps} / ${run.max_steps}` : run.steps}),
@@ -190,6 +191,7 @@ async function runView(name) {
   const dropped = Object.entries(run.dropped);
   const nodes = [
     el("h2", {}, `${run.name} `, stateLabel),
+    run.problem ? el("p", {class: "error", text: run.problem}) : null,
     el("p", {class: "muted", text: `${run.method} on ${run.base}; step ${run.steps}` +
                                    (run.max_steps ? ` of ${run.max_steps}` : "")}),
     charts,

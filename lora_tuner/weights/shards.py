@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import fail
-from ..safe_files import open_safetensors
-from .safetensors_layout import DTYPE_NAMES, read_header, torch_dtype
+from .safetensors import DTYPE_NAMES, open_safetensors, read_header, torch_dtype
 
 INDEX = "model.safetensors.index.json"
 

@@ -1,12 +1,18 @@
-"""A GGUF file's tensors as a streamed model's weights: each read from the mapped file, dequantized and renamed when a
-module needs it. The names and the rotary un-permutation come from transformers' GGUF loader, not from our writer, so
+"""Reading GGUF files: a file's tensors as a streamed model's weights, each tensor's shape, and the file's type. Each
+tensor is read from the file, dequantized and renamed when a module needs it. The names and the rotary un-permutation come from transformers' GGUF loader, not from our writer, so
 the read-back is independent of the code that wrote the file (a writer bug the reader mirrored would pass unseen)."""
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..verify.streamed import WeightMap, tied_aliases
+from ..errors import fail
+from .weight_map import WeightMap, tied_aliases
+
+# lora-tune's --type names -> llama.cpp's file types (the header field general.file_type)
+FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+              "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K",
+              "q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M"}  # plain: llama-quantize --pure Q4_K_M / Q5_K_M
 
 
 def gguf_weight_map(file: Path, config) -> WeightMap:
@@ -34,12 +40,17 @@ def gguf_weight_map(file: Path, config) -> WeightMap:
     return WeightMap(list(tensors), read, tied_aliases(config))
 
 
+def gguf_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a GGUF, in Hugging Face's order ([out, in] for a linear weight; GGUF lists it reversed)."""
+    import gguf
+
+    return {tensor.name: [int(n) for n in reversed(tensor.shape)] for tensor in gguf.GGUFReader(file).tensors}
+
+
 def model_file_type(file: Path, source: str, field: str) -> str | None:
     """A model GGUF's type as `lora-tune export --type` names it (f16, bf16, q8_0, q6_k, ...), None for other types
     (an Ollama Q3_K_S, say); refused in one line when it is not a GGUF model llama.cpp's "llama" architecture reads."""
     import gguf
-
-    from ..errors import fail
 
     try:
         fields = gguf.GGUFReader(file).fields
@@ -54,8 +65,6 @@ def model_file_type(file: Path, source: str, field: str) -> str | None:
                    f"{architecture!r})", "pass the GGUF of the adapter's base model")
     if "general.file_type" not in fields:
         return None
-    from .gguf_writer import FILE_TYPES
-
     kinds: dict[int, str] = {}
     for kind, file_type in FILE_TYPES.items():  # the mixes come before the pure types that share their file type
         kinds.setdefault(int(getattr(gguf.LlamaFileType, file_type)), kind)

@@ -1,11 +1,16 @@
-"""The safetensors file layout, read and written by hand so tensors can stream: safetensors itself loads or saves
-whole dicts of tensors. A file is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
-shape and [start, end) byte range in the data that follows, then the data."""
+"""The safetensors file layout, read and written by hand so tensors can stream (safetensors itself loads or saves
+whole dicts of tensors), and files opened through safetensors with a clear error for truncated or corrupt ones instead
+of a Rust traceback. A file is an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape
+and [start, end) byte range in the data that follows, then the data."""
 import json
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import fail
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -34,3 +39,14 @@ def encode_header(tensors: list[tuple[str, torch.dtype, list[int], int]]) -> byt
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
     return struct.pack("<Q", len(encoded)) + encoded
+
+
+@contextmanager
+def open_safetensors(path: Path, source: str, field: str):
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise fail(source, field, f"{str(path)!r} is truncated or not a safetensors file ({str(exc)[:80]})",
+                   "re-download or re-save it") from None
+    with handle:
+        yield handle
