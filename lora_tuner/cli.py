@@ -85,7 +85,7 @@ def main():
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Run folder (default: <output.root>/<output.name>).")
+@click.option("--output", "-o", type=click.Path(), help="Run folder (default: <output.root>/<output.name>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing run folder of the same name.")
 @click.option("--resume", is_flag=True, help="Continue an unfinished run from its newest complete checkpoint.")
@@ -156,7 +156,7 @@ def recipes():
 
 @main.command()
 @click.argument("adapter", type=click.Path(file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the merged model.")
 @click.option("--base", help="Base model folder or hub id (default: the one the run recorded).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
               help="Merged weights' dtype (default: fp16 for 16-bit runs, bf16 if a value exceeds fp16; fp32 runs: fp32).")
@@ -201,7 +201,7 @@ def merge(adapter, out, base, dtype, into, shard_size, force, no_verify, verify_
               help="GGUF tensor type: f16/bf16 keep the merged weights, the others quantize them; q4_k_m, q5_k_m "
               "and q6_k mix types per tensor as llama-quantize does, q4_k and q5_k use one type throughout (default "
               "q8_0; gguf-lora writes f16).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--out", required=True, type=click.Path(), help="The .gguf file to write.")
 @click.option("--base-gguf", type=click.Path(dir_okay=False, exists=True),
               help="gguf-lora: the base model's GGUF the adapter is applied over (verified against, and the "
               "Modelfile's FROM).")
@@ -253,7 +253,7 @@ def export(source, target, kind, out, base_gguf, into, no_verify, verify_rows, f
 
 @main.command(name="import-gguf")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the Hugging Face model.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the Hugging Face model.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @user_errors

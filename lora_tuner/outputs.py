@@ -93,6 +93,9 @@ class OutputFolder(Output):
     def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None], source: str,
                  resumable: Callable[[Path], bool] | None = None):
         super().__init__(path, field, what, inputs, source)
+        if self.final.exists() and not self.final.is_dir():
+            raise fail(source, field, f"{str(self.final)!r} is a file, and the {what} is a folder",
+                       f"give {field} a folder path")
         self.resumable = resumable
 
     def check_free(self, force: bool, resume: bool = False) -> None:
@@ -160,6 +163,9 @@ class OutputFile(Output):
     def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None], source: str,
                  beside: tuple[str, ...] = ()):
         super().__init__(path, field, what, inputs, source, beside)
+        if self.final.is_dir():
+            raise fail(source, field, f"{str(self.final)!r} is a folder, and the {what} is a file",
+                       f"give {field} a file path, e.g. {str(self.final / 'model.gguf')!r}")
         grant(self.partial)
         for path in self.beside:
             grant(path)

@@ -185,6 +185,18 @@ class RunFolder:
             raise self.damaged(name, f"is not valid JSON ({str(exc).splitlines()[0][:80]})" if isinstance(exc, ValueError)
                                else "is nested too deeply", fix) from None
 
+    def check_files(self) -> None:
+        """Read every file of the run that readers use, raising UserError for the first that is damaged."""
+        for name in (self.RECIPE, self.METRICS, self.VALIDATION, self.EVAL_MD):
+            self.read_text(name)
+        for name in (self.METRICS, self.VALIDATION):
+            self.read_jsonl(name)
+        self.read_json(self.EVAL_JSON)
+        if self.file(self.MANIFEST) is not None:
+            self.manifest()
+        if self.file(self.RECIPE) is not None:
+            self.recipe()
+
     def damaged(self, name: str, message: str, fix: str) -> UserError:
         return fail(str(self.path), name, message, fix)
 

@@ -50,6 +50,17 @@ def alpaca_file(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_base, alpaca_file) -> Path:
+    """A finished run folder of a few steps on the tiny LLaMA (tests copy it before changing anything in it)."""
+    from lora_tuner import load_recipe, run
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    recipe = recipe_dict(tiny_base("llama"), alpaca_file, train={"max_steps": 4, "eval_steps": 2, "save_steps": 100},
+                         output={"name": "tiny-run"})
+    return run(load_recipe(write_recipe(folder, recipe)), output=str(folder / "tiny-run")).folder
+
+
 def sharded_base(folder, kind, shard="100KB", **config):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS[kind], **config}))

@@ -131,7 +131,7 @@ def test_gptj_adapter_on_llama_base_is_refused(tmp_path, tiny_base):
     with pytest.raises(UserError) as error:
         pool.add("j", gptj_adapter)
     assert str(error.value) == (f"{gptj_adapter}: adapter: targets 'transformer.h.0.attn.k_proj.weight', which base "
-                                f"{tiny_base('llama')!r} does not have; this adapter belongs to another architecture; "
+                                f"{tiny_base('llama')!r} does not have; this adapter belongs to another model; "
                                 "use the base it was trained on")
     with pytest.raises(UserError, match="not a plain identifier"):
         pool.add("../x", gptj_adapter)

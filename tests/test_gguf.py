@@ -333,3 +333,31 @@ def test_llama_cpps_own_log_stays_out_of_the_terminal(bpe_run, tmp_path):
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "m.gguf")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "llama" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_failed_export_says_what_to_try_and_never_blocks_the_next_attempt(bpe_run, tmp_path, monkeypatch):
+    """A file that fails its verification is not put in place; its report lands beside as NAME.failed...json, the fix
+    names a type that keeps more of the model (never the type that failed), and the next export needs no --force."""
+    from lora_tuner.verify import verdict
+
+    out = tmp_path / "model.gguf"
+    args = ["export", str(bpe_run), "--type", "f16", "--out", str(out), "--verify-rows", "4"]
+    monkeypatch.setitem(verdict.GGUF_MIN_TOP1, "f16", 1.01)  # a threshold nothing meets: this export fails
+    failed = CliRunner().invoke(main, args)
+    assert failed.exit_code == 2, failed.output[-3000:]
+    error = next(line for line in failed.output.splitlines() if line.startswith("error: "))
+    assert "try --type bf16" in error and "--type f16" not in error and "failed.export_report.json" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.failed.export_report.json"]
+    assert json.loads((tmp_path / "model.failed.export_report.json").read_text())["verification"]["passed"] is False
+    monkeypatch.setitem(verdict.GGUF_MIN_TOP1, "f16", 0.995)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output[-3000:]
+    assert {"model.gguf", "model.Modelfile", "model.export_report.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("kind,fix", [("f16", "--type bf16"), ("bf16", "--type f16"), ("q8_0", "--type f16"),
+                                      ("q4_k_m", "--type q8_0 or f16"), ("q4_0", "--type q8_0 or f16")])
+def test_the_fix_for_a_failed_export_points_at_more_precision(kind, fix):
+    from lora_tuner.export.gguf_export import export_fix
+
+    assert fix in export_fix(kind, None) and f"--type {kind} " not in export_fix(kind, None) + " "

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
 from lora_tuner.export.streaming import CHUNK_BYTES
 from lora_tuner.model.loading import load_base
+from lora_tuner.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
@@ -299,3 +301,32 @@ def test_every_merged_chunk_is_checked_against_the_formula(tmp_path, monkeypatch
     with pytest.raises(MergeCheckFailed, match="differ from the base"):
         merge(tmp_path / "adapter", tmp_path / "bad", base=str(tmp_path / "base"), dtype=out, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "good"]
+
+
+def test_an_8bit_run_trains_merges_and_exports(tmp_path, tiny_bpe_llama, alpaca_file):
+    """bitsandbytes' LLM.int8 trains on CPU: the loss falls, plain peft reloads the adapter onto the 8-bit base to the
+    same logits, the default merge (into the original weights: 8-bit keeps outlier columns apart, so there is no one
+    dequantized weight) verifies, and the run exports to a GGUF that verifies too."""
+    from lora_tuner.export.gguf_export import export_gguf
+
+    recipe = load_recipe(write_recipe(tmp_path, recipe_dict(
+        str(tiny_bpe_llama), alpaca_file, quantization={"mode": "8bit", "compute_dtype": "float32"},
+        train={"max_steps": 30, "learning_rate": 1e-2})))
+    trained = run(recipe, output=str(tmp_path / "run"))
+    losses = [row["loss"] for row in RunFolder(trained.folder).metrics() if "loss" in row]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert trained.manifest.base_model.quantization.mode == "8bit"
+    on_8bit = PeftModel.from_pretrained(load_base(recipe.model, recipe.quantization, recipe.model.name_or_path),
+                                        trained.folder)
+    # TRL trains adapters on a quantized base in bf16 and saves them so; peft upcasts them on load: same values,
+    # compared in the dtype they were trained in (as test_pipeline does for 4-bit)
+    trained_dtypes = {name: p.dtype for name, p in trained.model.named_parameters() if "lora_" in name}
+    for name, param in on_8bit.named_parameters():
+        if name in trained_dtypes:
+            param.data = param.data.to(trained_dtypes[name])
+    assert (logits(on_8bit) - logits(trained.model.eval())).abs().max() < 1e-5
+
+    report = merge(trained.folder, tmp_path / "merged")
+    assert report.into == "original" and "8-bit" in report.into_reason and report.verification.passed
+    exported = export_gguf(trained.folder, tmp_path / "run.gguf", kind="f16", verify_rows=8)
+    assert exported.verification.passed and Path(exported.file).is_file()

@@ -221,7 +221,7 @@ def test_adapters_are_added_and_removed_at_run_time(served, tiny_base):
     gptj = make_adapter(tiny_base("gptj"), served["tmp"] / "gptj", 1)
     refused = httpx.post(f"{url}/v1/adapters", json={"path": gptj}, headers=headers)
     assert refused.status_code == 400
-    assert "belongs to another architecture" in refused.json()["error"]["message"]
+    assert "belongs to another model" in refused.json()["error"]["message"]
     assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
 
 
@@ -389,7 +389,27 @@ SERVER_CASES = {
     "delete-an-unknown-adapter": ("DELETE", "/v1/adapters/nope", lambda s: {"headers": AUTH}, 404, "model_not_found"),
     "delete-the-base": ("DELETE", "/v1/adapters/base", lambda s: {"headers": AUTH}, 404, "model_not_found"),
     "delete-without-the-key": ("DELETE", "/v1/adapters/a", lambda s: {}, 401, "invalid_api_key"),
+    # DNS rebinding: another site's name resolving to 127.0.0.1, sent as Host, with or without the key
+    "host-of-another-site": ("POST", "/v1/completions", lambda s: {"json": COMPLETION, "headers": {
+        **AUTH, "Host": "attacker.example"}}, 403, "host_not_allowed"),
+    "host-of-another-site-with-our-port": ("GET", "/v1/models", lambda s: {"headers": {
+        "Host": f"attacker.example:{s['url'].rsplit(':', 1)[1]}"}}, 403, "host_not_allowed"),
+    "host-that-only-starts-like-loopback": ("GET", "/health", lambda s: {"headers": {"Host": "127.0.0.1.nip.io"}},
+                                            403, "host_not_allowed"),
+    "add-adapter-of-another-base": ("POST", "/v1/adapters", lambda s: {"json": {"path": adapter_under_root(
+        s, "other_size", other_size_adapter)}, "headers": AUTH}, 400, "adapter_not_loadable"),
 }
+
+
+def other_size_adapter(folder):
+    """The adapter saved over with one of a wider model: its tensors fit no module of this base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    from conftest import CONFIGS
+
+    wide = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS["llama"], "hidden_size": 96}))
+    get_peft_model(wide, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(folder)
 
 
 @pytest.mark.parametrize("case", list(SERVER_CASES))

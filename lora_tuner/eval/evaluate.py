@@ -12,7 +12,7 @@ from ..data.formats import response_example
 from ..errors import fail
 from ..outputs import Output, write_text
 from ..run_folder import RunFolder
-from ..verify.scoring import batches, loss, perplexity, tokenized_rows
+from ..verify.scoring import batches, loss, perplexity, scored_tokens, tokenized_rows
 from .preference import PairLogps, pair_logps, preference_score, tokenized_pairs
 
 DEFAULT_MAX_LENGTH = 1024
@@ -82,68 +82,101 @@ def _share(value: float | None) -> str:
 
 def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | None = None, rows: int | None = None,
              generate: int = 0, max_new_tokens: int = 128) -> EvalReport:
-    """FOLDER is a run folder (base, base + adapter, and the merged export given) or a merged export (the export,
-    and its base when that is on disk)."""
-    from ..adapters import AdapterPool
+    """Score a run and write eval.json and eval.md into it.
 
-    target = RunFolder(folder)
-    source = str(folder)
+    Args:
+        folder: a run folder (base, base + adapter, the start adapter, and the merged export given) or a merged export
+            (the export alone).
+        merged: a merged export to score beside them.
+        data: a data file in the run's format to score instead of the run's validation rows.
+        rows: score only the first N rows.
+        generate: show K greedy generations, base and adapter side by side.
+        max_new_tokens: the longest generation.
+
+    Example:
+        report = evaluate("adapters/smollm2-135m-alpaca", generate=3)
+    """
+    target, source = RunFolder(folder), str(folder)
     if merged is not None:
         _check_merged(Path(merged), source)
-    if target.is_run:
-        pool = AdapterPool(str(target.path))
-        pool.add("adapter", target.path)
-        recipe, tokenizer = target.recipe(), pool.tokenizer
-    elif (target / "merge_report.json").is_file():
-        pool, recipe = None, RunFolder(target.path).recipe() if (target / RunFolder.RECIPE).is_file() else None
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(target.path)
-        merged = merged or target.path
-    else:
-        raise fail(source, "folder", "not a lora-tune run folder nor a merged export",
-                   "point at adapters/<run> or at a folder written by lora-tune merge")
+    pool, recipe, tokenizer = _load(target, source)
+    if merged is not None and pool is not None:
+        _check_same_model(Path(merged), pool.model.config, source)
+    merged = merged or (None if pool else target.path)
+    start = target.start_adapter() if pool else None  # as pinned when the run trained: wherever eval runs from
+    written = Output(target / RunFolder.EVAL_JSON, "FOLDER", "evaluation report", {
+        "--data file": data, "--merged export": merged, "base": pool.base_id if pool else None,
+        "start adapter": start}, source, beside=(".md",))
     examples, held_out, where = _examples(target, recipe, tokenizer, data, source)
     examples = examples[:rows] if rows else examples
     max_length = recipe.data.max_length if recipe else DEFAULT_MAX_LENGTH
-    responses = [e for e in map(response_example, examples) if e is not None]
-    tokenized = tokenized_rows(tokenizer, responses, max_length)
-    if not any(row.completion_ids for row in tokenized):
-        raise fail(source, "--data" if data else RunFolder.VALIDATION, f"the {len(examples)} rows of {where} give no "
-                   "response tokens to score (no row with a response, or a desirable one, that fits "
-                   f"{max_length} tokens)", "pass --data FILE with rows that have responses")
+    tokenized = _scored_rows(examples, tokenizer, max_length, where, "--data" if data else RunFolder.VALIDATION, source)
     scored_rows = batches(tokenized, tokenizer.pad_token_id or 0)
     pairs = tokenized_pairs(tokenizer, [e for e in examples if "chosen" in e], max_length) if pool else []
-    models, logps, start = [], {}, None
-    if pool is not None:
-        start = target.start_adapter()  # as pinned when the run trained: wherever eval runs from
-        if start is not None:
-            pool.add("start", start)
-        for name, adapter in (("base", None), ("start (init.adapter)", "start" if start else None),
-                              ("base + adapter", "adapter")):
-            if name == "base" or adapter is not None:
-                with pool.use(adapter) as model:
-                    models.append(Scored(name, *_measure(model, scored_rows, f"scoring {name}")))
-                    if pairs:
-                        logps[name] = pair_logps(model, pairs, tokenizer.pad_token_id or 0, f"pairs of {name}")
+    models, logps = _score_pool(pool, start, scored_rows, pairs) if pool else ([], {})
     reference = _score_preferences(models, logps, recipe) if pairs else None
     if merged is not None:
-        from ..export.weights import streamed_source
-
-        export = streamed_source(Path(merged), "the export", str(merged))  # streamed: fits at any size, in float32
-        stored = str(export.config.dtype).removeprefix("torch.")
-        models.append(Scored(f"merged {Path(merged).name} ({stored}, computed in float32)",
-                             *_measure(export.model(), scored_rows, "scoring the export")))
+        models.append(_score_export(Path(merged), scored_rows))
     _gains(models)
     report = EvalReport(str(target.path), where, held_out, len(tokenized), sum(len(b.targets) for b in scored_rows),
                         models, str(pool.model.dtype).removeprefix("torch.") if pool else None,
                         _generations(pool, tokenized, generate, max_new_tokens) if pool else [], len(pairs), reference)
-    written = Output(target / RunFolder.EVAL_JSON, "FOLDER", "evaluation report", {
-        "--data file": data, "--merged export": merged, "base": pool.base_id if pool else None,
-        "start adapter": start}, source, beside=(".md",))
     write_text(written.final, json.dumps(asdict(report), indent=2) + "\n")
     write_text(written.beside[0], report.markdown())
     return report
+
+
+def _load(target: RunFolder, source: str):
+    """(pool with the run's adapter as "adapter", or None for a merged export; the recipe; the tokenizer)."""
+    from ..adapters import AdapterPool
+
+    if target.is_run:
+        pool = AdapterPool(str(target.path))
+        pool.add("adapter", target.path)
+        return pool, target.recipe(), pool.tokenizer
+    if (target / "merge_report.json").is_file():
+        from transformers import AutoTokenizer
+
+        recipe = target.recipe() if target.file(RunFolder.RECIPE) else None
+        return None, recipe, AutoTokenizer.from_pretrained(target.path)
+    raise fail(source, "folder", "not a lora-tune run folder nor a merged export",
+               "point at adapters/<run> or at a folder written by lora-tune merge")
+
+
+def _scored_rows(examples: list[dict], tokenizer, max_length: int, where: str, field: str, source: str):
+    """The rows' responses as training tokenized them; refused when there is nothing to score."""
+    responses = [e for e in map(response_example, examples) if e is not None]
+    tokenized = tokenized_rows(tokenizer, responses, max_length)
+    if not scored_tokens(tokenized):
+        raise fail(source, field, f"the {len(examples)} rows of {where} give no response tokens to score (no row "
+                   f"with a response, or a desirable one, that fits {max_length} tokens)",
+                   "pass --data FILE with rows that have responses")
+    return tokenized
+
+
+def _score_pool(pool, start: Path | None, scored_rows, pairs) -> tuple[list[Scored], dict[str, PairLogps]]:
+    """The bare base, the start adapter (when the run had one) and the result, each scored on the same rows."""
+    if start is not None:
+        pool.add("start", start)
+    models, logps = [], {}
+    for name, adapter in (("base", None), ("start (init.adapter)", "start" if start else None),
+                          ("base + adapter", "adapter")):
+        if name == "base" or adapter is not None:
+            with pool.use(adapter) as model:
+                models.append(Scored(name, *_measure(model, scored_rows, f"scoring {name}")))
+                if pairs:
+                    logps[name] = pair_logps(model, pairs, pool.tokenizer.pad_token_id or 0, f"pairs of {name}")
+    return models, logps
+
+
+def _score_export(merged: Path, scored_rows) -> Scored:
+    """A merged export, streamed: fits at any size, in float32."""
+    from ..export.weights import streamed_source
+
+    export = streamed_source(merged, "the export", str(merged))
+    stored = str(export.config.dtype).removeprefix("torch.")
+    return Scored(f"merged {merged.name} ({stored}, computed in float32)",
+                  *_measure(export.model(), scored_rows, "scoring the export"))
 
 
 def _score_preferences(models: list[Scored], logps: dict[str, PairLogps], recipe) -> str:
@@ -168,6 +201,18 @@ def _check_merged(merged: Path, source: str) -> None:
         raise fail(source, "--merged", f"{str(merged)!r} is not a merged model folder",
                    "point at a folder written by lora-tune merge")
     base_shards(merged, source, "--merged")
+
+
+def _check_same_model(merged: Path, base_config, source: str) -> None:
+    """A merged export of this run's base: another model scores the run's rows with a vocabulary or shape that does
+    not fit them (an index error, or a meaningless gain)."""
+    from ..weights.weight_map import config_of
+
+    theirs, ours = config_of(merged).get_text_config(), base_config.get_text_config()
+    for field in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(theirs, field, None) != getattr(ours, field, None):
+            raise fail(source, "--merged", f"{str(merged)!r} has {field} {getattr(theirs, field, None)!r}, the run's "
+                       f"base {getattr(ours, field, None)!r}", "point at the merged export of this run")
 
 
 def _measure(model, scored_rows, desc: str) -> tuple[float, float]:

@@ -32,10 +32,7 @@ def run_folders(root: Path) -> dict[str, RunFolder]:
 
 def healthy(folder: RunFolder) -> bool:
     """A finished run whose files read back: one the playground can serve."""
-    try:
-        return folder.is_run and summary(shown_name(folder.path.name), folder)["state"] == "finished"
-    except UserError:
-        return False
+    return folder.is_run and listed(folder.path.name, folder)["state"] == "finished"
 
 
 def state(folder: RunFolder) -> str:
@@ -56,6 +53,7 @@ def listed(name: str, folder: RunFolder) -> dict:
     try:
         if shown_name(name) != name:
             raise folder.damaged("(folder name)", "is not UTF-8", "rename the folder")
+        folder.check_files()
         return summary(name, folder)
     except UserError as exc:
         return damaged_row(shown_name(name), exc)
@@ -93,6 +91,7 @@ def summary(name: str, folder: RunFolder) -> dict:
 def detail(name: str, folder: RunFolder) -> dict:
     """Everything the run page shows but the metrics, which it polls (metrics())."""
     try:
+        folder.check_files()
         manifest = folder.manifest() if folder.is_run else None
         return finite({
             **summary(name, folder),
@@ -112,6 +111,7 @@ def metrics(folder: RunFolder, since: int) -> dict:
     """Rows after the first `since` (the page polls this while a run trains: metrics.jsonl only grows), how many a
     torn last line cost, and the run's state."""
     try:
+        folder.check_files()
         lines = folder.read_jsonl(RunFolder.METRICS)
     except UserError as exc:
         return {**damaged_row(folder.path.name, exc), "rows": [], "count": 0, "torn": 0}

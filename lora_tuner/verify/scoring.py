@@ -41,6 +41,12 @@ def tokenized_rows(tokenizer, examples: list[dict], max_length: int) -> list[Tok
             for r in rows if len(r.prompt_ids) < max_length]
 
 
+def scored_tokens(rows: list[TokenizedExample]) -> int:
+    """Response tokens these rows score: each is predicted from the position before it, so a response with no
+    prompt before it loses its first token (a tokenizer that encodes nothing leaves only EOS, and nothing to score)."""
+    return sum(max(len(r.completion_ids) - (0 if r.prompt_ids else 1), 0) for r in rows)
+
+
 def batches(rows: list[TokenizedExample], pad_id: int, size: int = BATCH_ROWS) -> list[Batch]:
     found = []
     for start in range(0, len(rows), max(size, 1)):

@@ -25,7 +25,7 @@ from ..errors import fail
 from ..run_folder import RunFolder
 from . import LLAMA_CPP_LOGITS_MAX_BYTES, MAX_LENGTH, ROWS
 from .report import GgufVerification, Verification
-from .scoring import Batch, agreement, batches, loss, packed, reference_logits, tokenized_rows
+from .scoring import Batch, agreement, batches, loss, packed, reference_logits, scored_tokens, tokenized_rows
 from .streamed import packs_apart, streamed_model
 
 MIN_TOP1 = 0.99
@@ -83,7 +83,7 @@ def verification_rows(run: RunFolder, tokenizer_folder: Path, config, rows: int 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     max_length = run.recipe().data.max_length if run.is_run else MAX_LENGTH
     tokenized = tokenized_rows(tokenizer, examples[:rows], min(max_length, MAX_LENGTH))
-    if not any(row.completion_ids for row in tokenized):
+    if not scored_tokens(tokenized):
         raise fail(str(tokenizer_folder), "verification", f"the {len(examples[:rows])} verification rows give no "
                    "response tokens to score (the tokenizer encodes them to nothing, or every row is longer than "
                    f"{min(max_length, MAX_LENGTH)} tokens)", "check the tokenizer files, or pass --no-verify")

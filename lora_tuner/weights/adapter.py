@@ -150,7 +150,7 @@ class LoraAdapter:
         for name in sorted(self.pairs):
             if name not in shapes:
                 raise fail(self.source, field, f"targets {name!r}, which base {base!r} does not have",
-                           "this adapter belongs to another architecture; use the base it was trained on")
+                           "this adapter belongs to another model; use the base it was trained on")
             if list(shapes[name]) != self.delta_shape(name):
                 raise fail(self.source, field, f"{name!r} is {self.delta_shape(name)} in the adapter but "
                            f"{list(shapes[name])} in base {base!r}", "this adapter belongs to a base of another size; "
