@@ -209,10 +209,10 @@ def _check_same_model(merged: Path, base_config, source: str) -> None:
     from ..weights.weight_map import config_of
 
     theirs, ours = config_of(merged).get_text_config(), base_config.get_text_config()
-    for field in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
-        if getattr(theirs, field, None) != getattr(ours, field, None):
-            raise fail(source, "--merged", f"{str(merged)!r} has {field} {getattr(theirs, field, None)!r}, the run's "
-                       f"base {getattr(ours, field, None)!r}", "point at the merged export of this run")
+    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(theirs, key, None) != getattr(ours, key, None):
+            raise fail(source, "--merged", f"{str(merged)!r} has {key} {getattr(theirs, key, None)!r}, the run's "
+                       f"base {getattr(ours, key, None)!r}", "point at the merged export of this run")
 
 
 def _measure(model, scored_rows, desc: str) -> tuple[float, float]:

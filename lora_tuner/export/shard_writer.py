@@ -2,10 +2,23 @@
 order, from any thread."""
 import json
 import os
+import struct
 from pathlib import Path
 
-from ..weights.shards import INDEX, Entry
-from ..weights.safetensors import encode_header
+import torch
+
+from ..weights.shards import DTYPE_NAMES, INDEX, Entry
+
+
+def encode_header(tensors: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
+    """The bytes that start a file holding (name, dtype, shape, nbytes) tensors back to back, in that order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded
 
 
 class StreamingShards:

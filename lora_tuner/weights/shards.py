@@ -8,9 +8,16 @@ from pathlib import Path
 import torch
 
 from ..errors import fail
-from .safetensors import DTYPE_NAMES, open_safetensors, read_header, torch_dtype
+from .safetensors import open_safetensors, read_header
 
 INDEX = "model.safetensors.index.json"
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+               torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return next(dtype for dtype, code in DTYPE_NAMES.items() if code == name)
 
 
 def base_shards(folder: Path, source: str, field: str = "--base") -> list[Path]:
