@@ -76,9 +76,9 @@ def merged_model() -> Path:
 def smollm2_agreement(kinds: list[str]) -> dict:
     """Per type: top-1 agreement and KL of the SmolLM2 export with the model in float32, as its verification reports
     them (llama.cpp the judge when its binding is installed), on the last HELD_OUT Alpaca rows of ../shared."""
-    from lora_tuner.data.formats import FORMATS
-    from lora_tuner.data.templates import resolve
-    from lora_tuner.export.gguf_export import verify_file
+    from lora_tuner.formats.registry import FORMATS
+    from lora_tuner.formats.templates import resolve
+    from lora_tuner.export.gguf.export import verify_file
     from lora_tuner.model.gguf_import import import_gguf
     from lora_tuner.verify import llama_cpp
 

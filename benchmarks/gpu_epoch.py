@@ -62,13 +62,13 @@ def measure(recipe_name: str, shape: str, steps: int, data: Path, work: Path, ro
     recipe = load_recipe(recipe_name, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = run(recipe, recipe_name, output=str(work / recipe_name), log=lambda line: None)
+    result = run(recipe, output=str(work / recipe_name), log=lambda line: None)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024)
     measured = result.manifest.train.tokens_per_s
     epoch_plan = make_plan(recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": EPOCH}),
                                                      "train": recipe.train.model_copy(update={"max_steps": None})}),
-                           recipe_name, plan_device)
+                           plan_device)
     predicted = 1 / epoch_plan.seconds_per_token
     epoch_tokens = epoch_plan.data.tokens
     return {"device": described, "shape": shape, "steps": steps, "tokens_per_s": round(measured),

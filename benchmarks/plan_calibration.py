@@ -27,7 +27,7 @@ TOLERANCE = 0.25
 
 def terms(recipe) -> tuple[float, float]:
     """(matmul FLOPs per token / peak FLOP/s, logits per token): per-token time = a x first / efficiency + second x ns."""
-    plan = make_plan(recipe, "calibration", "cpu")
+    plan = make_plan(recipe, "cpu")
     vocab = plan.parts.config.get_text_config().vocab_size
     return plan.flops_per_token / (plan.device.tflops(plan.dtype) * 1e12), plan.head_share * vocab
 

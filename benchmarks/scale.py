@@ -55,8 +55,8 @@ def build(shape: str, layers: int | None) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaTokenizer
 
-    from lora_tuner.data.templates import resolve
-    from lora_tuner.data.formats import FORMATS
+    from lora_tuner.formats.templates import resolve
+    from lora_tuner.formats.registry import FORMATS
 
     base, adapter = WORK / shape / "base", WORK / shape / "adapter"
     shutil.rmtree(WORK / shape, ignore_errors=True)

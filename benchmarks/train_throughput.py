@@ -119,7 +119,7 @@ def rows(args) -> list[dict]:
     from lora_tuner.model.tokenizer import load_tokenizer
 
     recipe = load_recipe(write_recipe(args, {}))
-    return [row.example for row in prepare_data(recipe, load_tokenizer(recipe.model, "bench"), "bench").train]
+    return [row.example for row in prepare_data(recipe, load_tokenizer(recipe.model)).train]
 
 
 def write_recipe(args, overrides: dict) -> Path:
@@ -157,7 +157,7 @@ def run_trl(args, contender: str, dtype: str) -> dict:
     from lora_tuner.config.schema import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(base_folder(args.shape)),
-                                            tokenizer=tokenizer_of(args.shape)), "bench")
+                                            tokenizer=tokenizer_of(args.shape)))
     settings = {
         "trl-defaults": {},
         "trl-packing": {"packing": True, "per_device_train_batch_size": 2},
@@ -188,7 +188,7 @@ def run_trainer(args, dtype: str) -> dict:
     from lora_tuner.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(base_folder(args.shape)),
-                                            tokenizer=tokenizer_of(args.shape)), "bench")
+                                            tokenizer=tokenizer_of(args.shape)))
 
     def tokenize(example):
         prompt = tokenizer(example["prompt"])["input_ids"]

@@ -1,8 +1,11 @@
 """lora-tune: one-command, reproducible LoRA and QLoRA fine-tuning of open causal language models.
 
-    from lora_tuner import load_recipe, run, merge
+    from lora_tuner import load_recipe, run, merge, export_gguf, evaluate, AdapterPool
     result = run(load_recipe("recipes/demo-tiny-cpu.yaml"))
     report = merge(result.folder, "merged/demo")
+
+(The GGUF export is `export_gguf`: the name `export` is the package lora_tuner.export, whose `export` function is what
+`lora-tune export` runs.)
 """
 import importlib
 
@@ -11,6 +14,7 @@ import importlib
 _API = {
     "Recipe": ".config", "load_recipe": ".config", "UserError": ".errors", "check_recipe": ".preflight",
     "RunResult": ".train.run", "run": ".train.run", "merge": ".export", "AdapterPool": ".adapters",
+    "export_gguf": ".export", "export_gguf_lora": ".export", "evaluate": ".eval.evaluate",
 }
 __all__ = sorted(_API)
 

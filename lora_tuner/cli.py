@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError, fail
+from .errors import UserError, about, fail
 from .plan import DEVICE_NAMES
 
 API_KEY = "LORA_TUNE_API_KEY"  # the environment variable serve and ui read their key from
@@ -44,7 +44,7 @@ def _refuse_empty(values: dict) -> None:
         given = value if isinstance(value, tuple) else (value,)
         if any(isinstance(item, str) and not item.strip() for item in given):
             label = parameter.opts[-1] if isinstance(parameter, click.Option) else parameter.human_readable_name
-            raise fail(context.info_name, label, "is empty", f"give {label} a value, or leave it out")
+            raise fail(label, "is empty", f"give {label} a value, or leave it out", source=context.info_name)
 
 
 def exit_after_a_stop(code: int) -> None:
@@ -104,7 +104,7 @@ def run(recipe, output, overrides, force, resume):
     from .train.checkpoints import Interrupted
 
     try:
-        result = train_run(load_recipe(recipe, overrides), source=recipe, output=output, force=force, resume=resume)
+        result = train_run(load_recipe(recipe, overrides), output=output, force=force, resume=resume)
     except Interrupted as stop:
         again = " ".join(["lora-tune run", recipe, *(f"--set {o}" for o in overrides),
                           *(["--output", output] if output else []), "--resume"])
@@ -137,7 +137,7 @@ def validate(recipe, overrides, explain):
         if not explain:
             raise click.UsageError("give a RECIPE to check, or --explain")
         return
-    for note in check_recipe(load_recipe(recipe, overrides), recipe):
+    for note in check_recipe(load_recipe(recipe, overrides)):
         click.echo(f"note: {note}")
     click.echo(f"ok: {recipe}")
 
@@ -225,21 +225,10 @@ def export(source, target, kind, out, base_gguf, into, no_verify, verify_rows, f
       lora-tune export adapters/smollm2-135m-alpaca --format gguf-lora --base-gguf base.gguf --out alpaca-lora.gguf
       llama-cli -m base.gguf --lora alpaca-lora.gguf -cnv
     """
-    if target == "gguf-lora":
-        from .export.gguf_lora import export_gguf_lora
+    from .export import export as run_export
 
-        if kind not in (None, "f16"):
-            raise fail(source, "--type", f"{kind!r}: gguf-lora writes f16 (a LoRA B's rows are `rank` values long, "
-                       "shorter than a quantization block)", "leave --type out")
-        report = export_gguf_lora(source, out, base_gguf, verify=not no_verify, verify_rows=verify_rows, force=force)
-    else:
-        from .export.gguf_export import export_gguf
-
-        if base_gguf is not None:
-            raise fail(source, "--base-gguf", "is for --format gguf-lora", "add --format gguf-lora, or leave "
-                       "--base-gguf out")
-        report = export_gguf(source, out, kind=kind or "q8_0", into=into, verify=not no_verify,
-                             verify_rows=verify_rows, force=force)
+    report = run_export(source, out, target, kind, base_gguf, into, verify=not no_verify, verify_rows=verify_rows,
+                        force=force)
     click.echo(f"exported {report.file}  ({report.type}, {report.bytes / 1e6:,.0f} MB, {report.seconds:.1f} s)")
     click.echo(f"ollama   ollama create NAME -f {report.modelfile}")
     v = report.verification
@@ -323,7 +312,7 @@ def plan(recipe, device, tokens, world_size, overrides):
     from .config import load_recipe
     from .plan.estimate import make_plan
 
-    found = make_plan(load_recipe(recipe, overrides), recipe, device, tokens, world_size)
+    found = make_plan(load_recipe(recipe, overrides), device, tokens, world_size)
     click.echo("\n".join(found.lines()))
     if not found.fits:
         sys.exit(1)
@@ -432,8 +421,9 @@ def serve(adapters, base, base_name, host, port, max_loaded, max_batch, api_key,
     from . import sizes
 
     if not adapters and not base:
-        raise fail("serve", "--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL")
-    max_body = sizes.parse(max_body, "serve", "--max-body")
+        raise fail("--adapter", "nothing to serve", "give --adapter DIR (repeatable) and/or --base MODEL", source="serve")
+    with about("serve"):
+        max_body = sizes.parse(max_body, "--max-body")
     from .adapters.compat import adapter_name
 
     api_key = _api_key("serve", api_key)
@@ -454,14 +444,14 @@ def _api_key(command: str, given: str | None) -> str | None:
     key = given if given is not None else os.environ.get(API_KEY)
     if key is not None and not key.strip():
         field = "--api-key" if given is not None else API_KEY
-        raise fail(command, field, "the key is empty, which would let anyone in", "give a real key, or leave it unset")
+        raise fail(field, "the key is empty, which would let anyone in", "give a real key, or leave it unset", source=command)
     return key
 
 
 def _check_base_name(command: str, base_name: str, adapters: list[str]) -> None:
     if base_name in adapters:
-        raise fail(command, "--base-name", f"{base_name!r} is also an adapter's name, so one model name would select "
-                   "two models", "choose another --base-name, or rename that adapter's folder")
+        raise fail("--base-name", f"{base_name!r} is also an adapter's name, so one model name would select "
+                   "two models", "choose another --base-name, or rename that adapter's folder", source=command)
 
 
 def _server_checks(command: str, host: str, port: int, api_key: str | None, insecure: bool):
@@ -470,20 +460,21 @@ def _server_checks(command: str, host: str, port: int, api_key: str | None, inse
     from .serve.hosts import is_loopback
 
     if not is_loopback(host) and api_key is None and not insecure:
-        raise fail(command, "--host", f"{host!r} reaches beyond this machine, and no API key is set, so anyone on the "
-                   "network could use the server", f"set {API_KEY} (or --api-key), or pass --insecure if that is meant")
+        raise fail("--host", f"{host!r} reaches beyond this machine, and no API key is set, so anyone on the "
+                   "network could use the server", f"set {API_KEY} (or --api-key), or pass --insecure if that is meant",
+                   source=command)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # uvicorn would exit 3 with its own lines
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise fail(command, "--port", f"{host}:{port} cannot be used ({exc.strerror})",
-                       "choose another --port, or stop what listens there") from None
+            raise fail("--port", f"{host}:{port} cannot be used ({exc.strerror})",
+                       "choose another --port, or stop what listens there", source=command) from None
     try:
         import fastapi  # noqa: F401  (the serve extra)
         import uvicorn
     except ImportError as exc:
-        raise fail(command, "(packages)", f"{exc.name} is not installed",
-                   "pip install 'lora-tune[serve]' (FastAPI and uvicorn)") from None
+        raise fail("(packages)", f"{exc.name} is not installed",
+                   "pip install 'lora-tune[serve]' (FastAPI and uvicorn)", source=command) from None
     return uvicorn
 
 
@@ -511,15 +502,15 @@ def ui(root, base, base_name, host, port, api_key, insecure):
 
     folder = Path(root)
     if not folder.is_dir():
-        raise fail("ui", "ROOT", f"{root!r} is not a folder", "point at the folder that holds run folders (adapters/)")
+        raise fail("ROOT", f"{root!r} is not a folder", "point at the folder that holds run folders (adapters/)", source="ui")
     api_key = _api_key("ui", api_key)
     uvicorn = _server_checks("ui", host, port, api_key, insecure)
     from .ui.app import create_ui_app
 
     finished = [run for run in run_folders(folder).values() if healthy(run)]  # damaged runs are listed, not served
     if not base and not finished:
-        raise fail("ui", "ROOT", f"{root!r} holds no finished run to take the playground's base from",
-                   "pass --base MODEL, or train a run first")
+        raise fail("ROOT", f"{root!r} holds no finished run to take the playground's base from",
+                   "pass --base MODEL, or train a run first", source="ui")
     pool = _pool((), base or str(finished[0].path))  # a run folder: its base, loaded with the run's tokenizer
     _serve_runs(pool, finished, base_name)
     click.echo(f"lora-tune ui on http://{host}:{port}/ ({len(finished)} finished runs, {len(pool.names)} served on "
@@ -538,8 +529,8 @@ def _serve_runs(pool, finished: list, base_name: str) -> None:
         name = adapter_name(run.path)
         try:
             if name == base_name:
-                raise fail(str(run.path), "name", f"{name!r} is the bare base's name (--base-name)", "rename the run "
-                           "folder, or pass another --base-name")
+                raise fail("name", f"{name!r} is the bare base's name (--base-name)", "rename the run "
+                           "folder, or pass another --base-name", source=str(run.path))
             if same_base(run.base_model(), pool.base_id):
                 pool.add(name, run.path)
         except UserError as exc:

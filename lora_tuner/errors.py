@@ -1,6 +1,16 @@
-"""User-facing errors: one line per problem, naming file, field, value and the fix."""
+"""User-facing errors: one line per problem, naming file, field, value and the fix.
+
+The file a problem is in is usually the one the command was pointed at (the recipe, the run folder): each command
+and public function states it once, `with about(path):`, and every error raised inside names it, however deep; an
+error about another file names that file itself (`fail(..., source=path)`). The label is a context variable, so it
+never travels as a parameter through the functions in between, and threads and tasks each see their own."""
 import reprlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
+
+_ABOUT: ContextVar[str] = ContextVar("lora_tuner_about", default="lora-tune")
 
 
 @dataclass(frozen=True)
@@ -22,8 +32,24 @@ class UserError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def fail(source: str, field: str, message: str, fix: str) -> UserError:
-    return UserError([Problem(source, field, message, fix)])
+@contextmanager
+def about(source: str | Path):
+    """Errors raised inside name `source` as the file they are in."""
+    token = _ABOUT.set(str(source))
+    try:
+        yield
+    finally:
+        _ABOUT.reset(token)
+
+
+def current() -> str:
+    """The file errors raised here name (see about)."""
+    return _ABOUT.get()
+
+
+def fail(field: str, message: str, fix: str, source: str | Path | None = None) -> UserError:
+    """One problem: `field` of `source` (default: what the command is about) is wrong as `message` says; `fix`."""
+    return UserError([Problem(current() if source is None else str(source), field, message, fix)])
 
 
 _SHORT = reprlib.Repr()

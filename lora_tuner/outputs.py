@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import fail
+from .errors import current, fail
 
 AUDIT_EVENT = "lora_tuner.output"
 
@@ -43,17 +43,16 @@ class Output:
         field: the option that named it (--out, output), for error lines.
         what: what it is, for error lines ("model export", "GGUF file", "run").
         inputs: name -> path of everything the command reads (None: not used this time).
-        source: the file or folder the command was pointed at, for error lines.
         beside: suffixes of files written next to a file output (".Modelfile"): each is an output too.
     """
 
-    def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None], source: str,
+    def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None],
                  beside: tuple[str, ...] = ()):
-        self.source, self.field, self.what = source, field, what
+        self.source, self.field, self.what = current(), field, what  # what the command is about, for error lines
         if str(path).strip() == "":
-            raise fail(source, field, "is empty", f"give {field} a path")
+            raise fail(field, "is empty", f"give {field} a path")
         if Path(path).expanduser().is_symlink():
-            raise fail(source, field, f"{str(path)!r} is a symbolic link; writing there would replace what it points "
+            raise fail(field, f"{str(path)!r} is a symbolic link; writing there would replace what it points "
                        "at", f"give {field} a real path")
         self.final = resolved(path)
         self.beside = [self.final.with_suffix(suffix) for suffix in beside]
@@ -68,8 +67,8 @@ class Output:
             for name, path in inputs.items():
                 if out == path or path.is_relative_to(out) or out.is_relative_to(path):
                     where = "is" if out == path else "holds" if path.is_relative_to(out) else "is inside"
-                    raise fail(self.source, self.field, f"{str(out)!r} {where} the {name} {str(path)!r}, which this "
-                               "command reads", f"choose {self.field} outside it")
+                    raise fail(self.field, f"{str(out)!r} {where} the {name} {str(path)!r}, which this "
+                               "command reads", f"choose {self.field} outside it", source=self.source)
 
     def temporary(self, tag: str) -> Path:
         """A hidden working path beside the output (removed by the caller when done)."""
@@ -79,41 +78,41 @@ class Output:
         """Refuse to replace an existing output (and the files beside it) without --force."""
         for existing in [self.final, *self.beside]:
             if existing.exists() and not force:
-                raise fail(self.source, self.field, f"{str(existing)!r} already exists", f"choose another "
-                           f"{self.field}, or pass --force to replace it")
+                raise fail(self.field, f"{str(existing)!r} already exists", f"choose another "
+                           f"{self.field}, or pass --force to replace it", source=self.source)
         if not self.final.parent.is_dir():
-            raise fail(self.source, self.field, f"folder {str(self.final.parent)!r} does not exist",
-                       f"create it, or choose another {self.field}")
+            raise fail(self.field, f"folder {str(self.final.parent)!r} does not exist",
+                       f"create it, or choose another {self.field}", source=self.source)
 
 
 class OutputFolder(Output):
     """A folder output (a run, a merged export, an imported model). resumable: for outputs that can be continued
     (runs), whether an unfinished one holds anything to continue from; one that does not is stale and started over."""
 
-    def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None], source: str,
+    def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None],
                  resumable: Callable[[Path], bool] | None = None):
-        super().__init__(path, field, what, inputs, source)
+        super().__init__(path, field, what, inputs)
         if self.final.exists() and not self.final.is_dir():
-            raise fail(source, field, f"{str(self.final)!r} is a file, and the {what} is a folder",
+            raise fail(field, f"{str(self.final)!r} is a file, and the {what} is a folder",
                        f"give {field} a folder path")
         self.resumable = resumable
 
     def check_free(self, force: bool, resume: bool = False) -> None:
         """Before anything is written: refuse to clobber a finished or unfinished output without --force."""
         if self.final.exists() and not force:
-            raise fail(self.source, self.field, f"{str(self.final)!r} already holds a {self.what}",
-                       f"choose another {self.field}, or pass --force to replace it")
+            raise fail(self.field, f"{str(self.final)!r} already holds a {self.what}",
+                       f"choose another {self.field}, or pass --force to replace it", source=self.source)
         if resume and not self.partial.exists():
-            raise fail(self.source, "--resume", f"no unfinished {self.what} in {str(self.partial)!r}",
-                       "run without --resume to start one")
+            raise fail("--resume", f"no unfinished {self.what} in {str(self.partial)!r}",
+                       "run without --resume to start one", source=self.source)
         if not self.partial.exists() or force or resume:
             return
         if self.resumable is None:
-            raise fail(self.source, self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
-                       "delete that folder, or pass --force to start over")
+            raise fail(self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
+                       "delete that folder, or pass --force to start over", source=self.source)
         if self.resumable(self.partial):
-            raise fail(self.source, self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
-                       "pass --resume to continue it, or --force to start over")
+            raise fail(self.field, f"an unfinished {self.what} is in {str(self.partial)!r}",
+                       "pass --resume to continue it, or --force to start over", source=self.source)
 
     def start(self, resume: bool = False) -> Path:
         grant(self.partial)
@@ -124,8 +123,8 @@ class OutputFolder(Output):
                 shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
         except OSError as exc:
-            raise fail(self.source, self.field, f"cannot write in {str(self.final.parent)!r} ({exc.strerror})",
-                       f"choose a writable {self.field}") from None
+            raise fail(self.field, f"cannot write in {str(self.final.parent)!r} ({exc.strerror})",
+                       f"choose a writable {self.field}", source=self.source) from None
         return self.partial
 
     @contextmanager
@@ -137,7 +136,7 @@ class OutputFolder(Output):
         except BaseException as exc:
             self.discard()
             if disk_full(exc):
-                raise no_space(self.final.parent, self.source, self.field) from None
+                raise no_space(self.final.parent, self.field, self.source) from None
             raise
 
     def discard(self) -> None:
@@ -160,11 +159,11 @@ class OutputFolder(Output):
 class OutputFile(Output):
     """A file output (a GGUF) and the files written beside it (its Modelfile and report)."""
 
-    def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None], source: str,
+    def __init__(self, path: str | Path, field: str, what: str, inputs: dict[str, str | Path | None],
                  beside: tuple[str, ...] = ()):
-        super().__init__(path, field, what, inputs, source, beside)
+        super().__init__(path, field, what, inputs, beside)
         if self.final.is_dir():
-            raise fail(source, field, f"{str(self.final)!r} is a folder, and the {what} is a file",
+            raise fail(field, f"{str(self.final)!r} is a folder, and the {what} is a file",
                        f"give {field} a file path, e.g. {str(self.final / 'model.gguf')!r}")
         grant(self.partial)
         for path in self.beside:
@@ -177,7 +176,7 @@ class OutputFile(Output):
             yield self.partial
         except OSError as exc:
             if disk_full(exc):
-                raise no_space(self.final.parent, self.source, self.field) from None
+                raise no_space(self.final.parent, self.field, self.source) from None
             raise
         finally:
             self.partial.unlink(missing_ok=True)
@@ -219,7 +218,7 @@ def disk_full(exc: BaseException, folder: Path | None = None) -> bool:
         shutil.disk_usage(folder).free < FULL_BELOW
 
 
-def no_space(folder: Path, source: str, field: str):
+def no_space(folder: Path, field: str, source: str | None = None):
     """The one line for a disk that filled up while an output was written (nothing of it is left in place)."""
-    return fail(source, field, f"no space left on the device of {str(folder)!r}; nothing was put in place",
-                f"free some space or choose another {field}, then run again")
+    return fail(field, f"no space left on the device of {str(folder)!r}; nothing was put in place",
+                f"free some space or choose another {field}, then run again", source=source)

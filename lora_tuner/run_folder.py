@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import Recipe, dump_recipe, load_recipe
 from .config.schema import QuantizationSection
-from .data.formats import example_shape, response_example
+from .formats.registry import example_shape, response_example
 from .errors import UserError, fail
 from .weights.fingerprint import fingerprint
 
@@ -198,7 +198,7 @@ class RunFolder:
             self.recipe()
 
     def damaged(self, name: str, message: str, fix: str) -> UserError:
-        return fail(str(self.path), name, message, fix)
+        return fail(name, message, fix, source=str(self.path))
 
     # recipe and manifest
     def recipe(self) -> Recipe:
@@ -230,8 +230,8 @@ class RunFolder:
         """adapter_config.json, or one line saying why it cannot be read."""
         config = self.read_json(self.ADAPTER_CONFIG, "re-save the adapter with save_pretrained")
         if not isinstance(config, dict) or not isinstance(config.get("lora_alpha", 0), (int, float)):
-            raise fail(str(self.path), self.ADAPTER_CONFIG, "is not a PEFT adapter config",
-                       "re-save the adapter with save_pretrained")
+            raise fail(self.ADAPTER_CONFIG, "is not a PEFT adapter config",
+                       "re-save the adapter with save_pretrained", source=str(self.path))
         return config
 
     def base_model(self) -> str | None:
@@ -370,4 +370,3 @@ def seal(checkpoint: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
-

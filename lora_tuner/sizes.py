@@ -4,13 +4,13 @@ from .errors import fail
 UNITS = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
-def parse(text: str | int, source: str, field: str) -> int:
+def parse(text: str | int, field: str) -> int:
     """A size of at least one byte (a shard, body or budget of nothing is never meant)."""
     count = text if isinstance(text, int) else _bytes(text)
     if count is None:
-        raise fail(source, field, f"{text!r} is not a size", "write e.g. 5GB or 500MB")
+        raise fail(field, f"{text!r} is not a size", "write e.g. 5GB or 500MB")
     if count < 1:
-        raise fail(source, field, f"{text!r} is less than one byte", "write e.g. 5GB or 500MB")
+        raise fail(field, f"{text!r} is less than one byte", "write e.g. 5GB or 500MB")
     return count
 
 

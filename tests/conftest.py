@@ -35,7 +35,7 @@ def tiny_base(tmp_path_factory):
         if (kind, dtype) not in made:
             folder = tmp_path_factory.mktemp(f"base-{kind}-{dtype}")
             section = ModelSection(init="random", config=CONFIGS[kind], tokenizer="bytes", dtype=dtype)
-            build_random_base(section, seed=0, folder=folder, source="test")
+            build_random_base(section, seed=0, folder=folder)
             byte_tokenizer().save_pretrained(folder)
             made[kind, dtype] = str(folder)
         return made[kind, dtype]
@@ -125,7 +125,7 @@ def make_trainer(recipe, model, tokenizer, data, folder: Path):
     from lora_tuner.train.fast_path import resolve_fast_path
     from lora_tuner.train.methods import make_trainer as make
 
-    resolved, _ = resolve_fast_path(recipe, "test")
+    resolved, _ = resolve_fast_path(recipe)
     return make(resolved, model, tokenizer, data, RunFolder(folder), PartialState())[0]
 
 

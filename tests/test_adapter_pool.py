@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import recipe_dict, write_recipe
 from lora_tuner import AdapterPool, UserError, load_recipe, run
 from lora_tuner.cli import main
-from lora_tuner.data.templates import ALPACA, render
+from lora_tuner.formats.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 
 pytestmark = pytest.mark.slow  # trains or merges models: the full tier

@@ -6,7 +6,7 @@ import pytest
 from conftest import SHARED, make_trainer, recipe_dict, write_recipe
 from lora_tuner import load_recipe
 from lora_tuner.data.prepare import prepare_data
-from lora_tuner.data.templates import ALPACA, render
+from lora_tuner.formats.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.lora import attach_lora
 from lora_tuner.model.tokenizer import load_tokenizer
@@ -31,8 +31,8 @@ def prepared_trainer(tmp_path, tiny_base, rows, **sections):
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(
         tiny_base("llama"), str(data_path), data={"packing": False, "validation_size": 0, **sections.pop("data", {})},
         **sections)))
-    tokenizer = load_tokenizer(recipe.model, "test")
-    data = prepare_data(recipe, tokenizer, "test")
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe, tokenizer)
     model = attach_lora(load_base(recipe.model, recipe.quantization, recipe.model.name_or_path), recipe)
     return make_trainer(recipe, model, tokenizer, data, tmp_path), tokenizer
 
@@ -80,7 +80,7 @@ def test_bad_rows_are_counted_reported_and_dropped(tmp_path, tiny_base):
     path.write_text(json.dumps(rows))
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(tiny_base("llama"), str(path),
                                                             data={"validation_size": 0, "max_length": 256})))
-    data = prepare_data(recipe, load_tokenizer(recipe.model, "test"), "test")
+    data = prepare_data(recipe, load_tokenizer(recipe.model))
     assert len(data.train) == 3 and data.rows_read == 14
     assert data.dropped == {
         "missing 'output'": [2, 8, 9, 10, 11, 12, 13],

@@ -18,9 +18,9 @@ from lora_tuner.run_folder import RunFolder
 def test_response_loss_has_the_models_loss_and_gradients(tmp_path, tiny_base, alpaca_file):
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(tiny_base("llama"), alpaca_file,
                                                             lora={"dropout": 0.0}, data={"validation_size": 0})))
-    tokenizer = load_tokenizer(recipe.model, "test")
+    tokenizer = load_tokenizer(recipe.model)
     model = attach_lora(load_base(recipe.model, recipe.quantization, recipe.model.name_or_path), recipe)
-    trainer = make_trainer(recipe, model, tokenizer, prepare_data(recipe, tokenizer, "test"), tmp_path)
+    trainer = make_trainer(recipe, model, tokenizer, prepare_data(recipe, tokenizer), tmp_path)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     trainable = [p for p in model.parameters() if p.requires_grad]
 

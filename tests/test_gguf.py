@@ -14,8 +14,8 @@ from gguf import GGUFReader
 from conftest import CONFIGS, SHARED, recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
-from lora_tuner.export.gguf_export import export_gguf
-from lora_tuner.export.gguf_writer import rotary_permute
+from lora_tuner.export.gguf.export import export_gguf
+from lora_tuner.export.gguf.writer import rotary_permute
 from lora_tuner.verify import llama_cpp
 
 pytestmark = pytest.mark.slow  # trains and exports
@@ -358,6 +358,6 @@ def test_a_failed_export_says_what_to_try_and_never_blocks_the_next_attempt(bpe_
 @pytest.mark.parametrize("kind,fix", [("f16", "--type bf16"), ("bf16", "--type f16"), ("q8_0", "--type f16"),
                                       ("q4_k_m", "--type q8_0 or f16"), ("q4_0", "--type q8_0 or f16")])
 def test_the_fix_for_a_failed_export_points_at_more_precision(kind, fix):
-    from lora_tuner.export.gguf_export import export_fix
+    from lora_tuner.export.gguf.beside import export_fix
 
     assert fix in export_fix(kind, None) and f"--type {kind} " not in export_fix(kind, None) + " "

@@ -45,12 +45,12 @@ class Ctx:
         return folder
 
     def gguf(self, folder, name: str) -> str:
-        from lora_tuner.export.gguf_export import export_gguf
+        from lora_tuner.export.gguf.export import export_gguf
 
         return export_gguf(folder, self.tmp / name, kind="f16", verify=False).file
 
     def budget(self, size: str, args: list[str]) -> list[str]:
-        """args, run with a memory budget of `size` (plan/commands.py)."""
+        """args, run with a memory budget of `size` (plan/memory.py)."""
         self.env["LORA_TUNE_MEMORY"] = size
         return args
 

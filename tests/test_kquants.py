@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from lora_tuner.export.kquants import quantize
+from lora_tuner.export.gguf.kquants import quantize
 
 f32 = np.float32
 

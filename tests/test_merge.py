@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import random_adapter, recipe_dict, sharded_base, write_recipe
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
-from lora_tuner.export.streaming import CHUNK_BYTES
+from lora_tuner.export.safetensors.streaming import CHUNK_BYTES
 from lora_tuner.model.loading import load_base
 from lora_tuner.run_folder import RunFolder
 
@@ -232,7 +232,7 @@ def test_an_existing_out_folder_is_kept(tmp_path):
 
 
 def test_ctrl_c_while_merging_leaves_nothing_and_the_merge_can_be_rerun(tmp_path, monkeypatch):
-    merge_module = importlib.import_module("lora_tuner.export.merge")  # the package exports the function's name
+    merge_module = importlib.import_module("lora_tuner.export.safetensors.merge")  # the package exports the function's name
     base = sharded_base(tmp_path / "base", "llama")
     random_adapter(base, tmp_path / "adapter")
     copy_side_files = merge_module._copy_side_files
@@ -286,7 +286,7 @@ def test_every_merged_chunk_is_checked_against_the_formula(tmp_path, monkeypatch
     """A merge that puts merged rows in the wrong order is caught chunk by chunk before anything is put in place, in
     every output dtype; the correct merge passes the same check."""
     from lora_tuner.export.lora_deltas import LoraDeltas
-    from lora_tuner.export.streaming import MergeCheckFailed
+    from lora_tuner.export.safetensors.streaming import MergeCheckFailed
 
     base = sharded_base(tmp_path / "base", "llama")
     random_adapter(base, tmp_path / "adapter")
@@ -307,7 +307,7 @@ def test_an_8bit_run_trains_merges_and_exports(tmp_path, tiny_bpe_llama, alpaca_
     """bitsandbytes' LLM.int8 trains on CPU: the loss falls, plain peft reloads the adapter onto the 8-bit base to the
     same logits, the default merge (into the original weights: 8-bit keeps outlier columns apart, so there is no one
     dequantized weight) verifies, and the run exports to a GGUF that verifies too."""
-    from lora_tuner.export.gguf_export import export_gguf
+    from lora_tuner.export.gguf.export import export_gguf
 
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(
         str(tiny_bpe_llama), alpaca_file, quantization={"mode": "8bit", "compute_dtype": "float32"},

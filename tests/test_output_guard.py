@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import random_adapter, recipe_dict, sharded_base, write_recipe
+from conftest import random_adapter, recipe_dict, write_recipe
 from lora_tuner.cli import main
 from lora_tuner.outputs import AUDIT_EVENT
 
@@ -94,13 +94,13 @@ class Made:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, tiny_base, tiny_bpe_llama, alpaca_file) -> Made:
-    from lora_tuner.export.gguf_export import export_gguf
+    from lora_tuner.export.gguf.export import export_gguf
     from lora_tuner import load_recipe, run
 
     tmp = tmp_path_factory.mktemp("guard")
     base = Path(tiny_base("llama"))
     recipe = recipe_dict(str(base), alpaca_file, train={"max_steps": 4, "eval_steps": 2, "save_steps": 2,
-                                                       "report_to": ["tensorboard"]})
+                                                        "report_to": ["tensorboard"]})
     trained = run(load_recipe(write_recipe(tmp, recipe)), output=str(tmp / "run")).folder
     adapter = adapter_on(tiny_bpe_llama, tmp / "adapter")
     base_gguf = Path(export_gguf(tiny_bpe_llama, tmp / "base.gguf", kind="f16", verify=False).file)

@@ -21,9 +21,9 @@ def token_losses(logits, labels):
 def test_packed_losses_equal_one_by_one(tmp_path, tiny_base, alpaca_file, kind):
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(tiny_base(kind), alpaca_file,
                                                             data={"max_length": 512, "validation_size": 0})))
-    tokenizer = load_tokenizer(recipe.model, "test")
+    tokenizer = load_tokenizer(recipe.model)
     model = attach_lora(load_base(recipe.model, recipe.quantization, recipe.model.name_or_path), recipe)
-    trainer = make_trainer(recipe, model, tokenizer, prepare_data(recipe, tokenizer, "test"), tmp_path)
+    trainer = make_trainer(recipe, model, tokenizer, prepare_data(recipe, tokenizer), tmp_path)
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     positions = batch["position_ids"][0]
     starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from conftest import recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
-from lora_tuner.data.templates import ALPACA, render
+from lora_tuner.formats.templates import ALPACA, render
 from lora_tuner.model.loading import load_base
 from lora_tuner.run_folder import RunFolder
 

@@ -31,7 +31,7 @@ def weight_bytes(model) -> int:
 def test_plan_matches_the_real_model(tmp_path, tiny_base, alpaca_file, kind, mode):
     recipe = load_recipe(write_recipe(tmp_path, recipe_dict(tiny_base(kind), alpaca_file,
                                                             quantization={"mode": mode})))
-    plan = make_plan(recipe, "test", "h100")
+    plan = make_plan(recipe, "h100")
     base = load_base(recipe.model, recipe.quantization, recipe.model.name_or_path)
     if mode == "none":
         assert plan.params == sum(p.numel() for p in base.parameters())
@@ -53,13 +53,13 @@ def test_plan_prints_a_breakdown_for_the_big_recipes_offline(recipe):
 
 
 def test_plan_counts_llama_7b_like_the_paper():
-    plan = make_plan(load_recipe(RECIPES / "llama-7b-qlora-alpaca.yaml"), "test", "h100")
+    plan = make_plan(load_recipe(RECIPES / "llama-7b-qlora-alpaca.yaml"), "h100")
     assert plan.params == 6_738_415_616  # LLaMA-7B's published parameter count
     assert plan.fits and plan.total_bytes <= 10 * 2**30, plan.lines()  # the QLoRA recipe's promise: 10 GB
 
 
 def test_gpus_without_bf16_plan_fp16_or_refuse_bf16():
-    t4 = make_plan(load_recipe(RECIPES / "llama-7b-qlora-alpaca.yaml"), "test", "t4")
+    t4 = make_plan(load_recipe(RECIPES / "llama-7b-qlora-alpaca.yaml"), "t4")
     assert t4.dtype == "float16" and t4.fits  # the recipe's header promises a T4
     result = CliRunner().invoke(main, ["plan", "llama-7b-qlora-alpaca", "--device", "t4", "--set",
                                        "model.dtype=bfloat16"])
@@ -74,18 +74,18 @@ def test_a_recipe_that_does_not_fit_says_what_would_and_exits_1():
     suggestion = next(line for line in result.output.splitlines() if line.startswith("to fit"))
     assert "quantization.mode: 4bit" in suggestion or "GPUs" in suggestion, suggestion
     # and the suggestion, applied, does fit
-    fixed = make_plan(load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml", ["quantization.mode=4bit"]), "test", "t4")
+    fixed = make_plan(load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml", ["quantization.mode=4bit"]), "t4")
     assert "quantization.mode: 4bit" not in suggestion or fixed.fits
 
 
 def test_plan_accounts_for_world_size():
     recipe = load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml",
                          ["distributed.strategy=fsdp", "train.gradient_checkpointing=true"])
-    one, four = make_plan(recipe, "test", "a100-40"), make_plan(recipe, "test", "a100-40", world_size=4)
+    one, four = make_plan(recipe, "a100-40"), make_plan(recipe, "a100-40", world_size=4)
     assert four.memory["weights"] == one.memory["weights"] // 4
     assert four.memory["activations"] == one.memory["activations"]  # each GPU still holds its own batch
     assert four.seconds < one.seconds / 3.9
-    ddp = make_plan(load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml"), "test", "a100-40", world_size=4)
+    ddp = make_plan(load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml"), "a100-40", world_size=4)
     assert ddp.memory["weights"] == one.memory["weights"]
 
 
@@ -93,12 +93,12 @@ def test_auto_batch_is_the_largest_that_fits():
     recipe = load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml",
                          ["train.batch_size=auto", "train.gradient_checkpointing=auto"])
     for gpu in ("a100-80", "a100-40", "rtx4090"):
-        plan = make_plan(recipe, "test", gpu)
+        plan = make_plan(recipe, gpu)
         assert plan.fits, (gpu, plan.lines())
         bigger = load_recipe(RECIPES / "llama-7b-lora-alpaca.yaml", [
             f"train.batch_size={plan.batch_size * 2}", f"train.gradient_checkpointing={plan.checkpointing}"])
-        assert plan.batch_size == 64 or not make_plan(bigger, "test", gpu).fits
-    roomy, tight = make_plan(recipe, "test", "a100-80"), make_plan(recipe, "test", "rtx4090")
+        assert plan.batch_size == 64 or not make_plan(bigger, gpu).fits
+    roomy, tight = make_plan(recipe, "a100-80"), make_plan(recipe, "rtx4090")
     assert not roomy.checkpointing and roomy.batch_size >= 4  # room to spare: no recomputation
     assert tight.checkpointing  # 16-bit 7B on 24 GB: only with checkpointing
 

@@ -14,9 +14,9 @@ from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
 from lora_tuner.config.loader import load_recipe as load
 from lora_tuner.data.demo_tasks import demo_preferences
-from lora_tuner.data.formats import FORMATS
+from lora_tuner.formats.registry import FORMATS
 from lora_tuner.data.prepare import prepare_data
-from lora_tuner.data.templates import ALPACA
+from lora_tuner.formats.templates import ALPACA
 from lora_tuner.eval.evaluate import evaluate
 from lora_tuner.model.tokenizer import byte_tokenizer
 from lora_tuner.run_folder import RunFolder
@@ -152,7 +152,7 @@ def test_unusable_pairs_are_dropped_and_counted(tmp_path, tiny_base, pairs_file)
     path.write_text(json.dumps(rows))
     recipe = dpo_recipe(tmp_path, tiny_base("llama"), str(path))
     data = prepare_data(recipe.model_copy(update={"data": recipe.data.model_copy(update={"validation_size": 0})}),
-                        byte_tokenizer(), "test")
+                        byte_tokenizer())
     assert data.dropped == {"chosen equals rejected": [11], "longer than data.max_length=256 tokens": [12],
                             "missing 'rejected'": [13]}
     pair = data.train[0].tokens
@@ -182,7 +182,7 @@ def test_plan_counts_both_sequences_of_a_pair_and_the_reference_pass(tiny_base, 
 
     sft = load(write_recipe(tmp_path, recipe_dict(tiny_base("llama"), alpaca_file), "sft.yaml"))
     dpo = dpo_recipe(tmp_path, tiny_base("llama"), pairs_file)
-    sft_plan, dpo_plan = make_plan(sft, "sft", "cpu"), make_plan(dpo, "dpo", "cpu")
+    sft_plan, dpo_plan = make_plan(sft, "cpu"), make_plan(dpo, "cpu")
     assert dpo_plan.memory["activations"] == 2 * sft_plan.memory["activations"]  # same batch and max_length
     assert dpo_plan.flops_per_token > sft_plan.flops_per_token  # the reference's forward on every token
     assert any(line.startswith("method          dpo: two sequences per pair") for line in dpo_plan.lines())

@@ -4,8 +4,8 @@ import pytest
 
 from conftest import SHARED
 from lora_tuner.config.schema import DataSection
-from lora_tuner.data.formats import FORMATS
-from lora_tuner.data.templates import resolve
+from lora_tuner.formats.registry import FORMATS
+from lora_tuner.formats.templates import resolve
 from lora_tuner.data.tokenize import starts_with_bos, tokenize_examples, training_chat_template
 from lora_tuner.model.tokenizer import LlamaTokenizer, byte_tokenizer
 

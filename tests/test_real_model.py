@@ -14,7 +14,7 @@ from conftest import SHARED, pooled_rows_match_fresh_models
 from gguf import GGUFReader
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.eval.evaluate import evaluate
-from lora_tuner.export.gguf_export import export_gguf
+from lora_tuner.export.gguf.export import export_gguf
 from lora_tuner.model.dtypes import native_dtype
 from lora_tuner.model.gguf_import import import_gguf
 from lora_tuner.verify import llama_cpp

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import random_adapter, sharded_base
 from lora_tuner import merge
 from lora_tuner.export.lora_deltas import LoraDeltas
-from lora_tuner.export.weights import streamed_source
+from lora_tuner.export.merged_weights import streamed_source
 from lora_tuner.run_folder import RunFolder
 from lora_tuner.verify.scoring import loss, reference_logits
 from lora_tuner.verify import verdict
@@ -39,8 +39,8 @@ def test_streamed_verification_equals_whole_models(tmp_path, monkeypatch, shape)
     rows = verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out", base.config)
     assert rows.batches[0].position_ids is not None  # packed: both architectures keep examples apart
 
-    streamed = streamed_source(tmp_path / "base", "reference", "test",
-                               deltas=LoraDeltas(tmp_path / "adapter", "test")).model()
+    streamed = streamed_source(tmp_path / "base", "reference",
+                               deltas=LoraDeltas(tmp_path / "adapter")).model()
     assert next(streamed.parameters()).device.type == "meta"  # nothing held between calls
     for got, want in zip(reference_logits(streamed, rows.batches), reference_logits(peft_model, rows.batches)):
         assert relative(got, want) < 1e-5
@@ -84,9 +84,9 @@ def test_a_tiny_gain_is_judged_by_what_rounding_costs_and_a_wrong_merge_still_fa
     save_file(large, tmp_path / "adapter/adapter_model.safetensors")  # verified against the real adapter
     from lora_tuner.verify.verdict import verify_merge
 
-    reference = streamed_source(tmp_path / "base", "ref", "t", deltas=LoraDeltas(tmp_path / "adapter", "t"))
-    wrong = verify_merge(streamed_source(tmp_path / "wrong", "export", "t"), reference,
-                         streamed_source(tmp_path / "base", "base", "t"),
+    reference = streamed_source(tmp_path / "base", "ref", deltas=LoraDeltas(tmp_path / "adapter"))
+    wrong = verify_merge(streamed_source(tmp_path / "wrong", "export"), reference,
+                         streamed_source(tmp_path / "base", "base"),
                          verification_rows(RunFolder(tmp_path / "adapter"), tmp_path / "out", base.config))
     assert not wrong.passed, wrong.why
 
@@ -135,17 +135,17 @@ def test_verification_holds_a_few_tensors_not_the_model(tmp_path):
 
 
 def test_the_memory_budget_decides_before_anything_is_written(tmp_path, monkeypatch):
-    """With a budget between what a merge needs without verification and with it (plan/commands.py's estimates),
+    """With a budget between what a merge needs without verification and with it (plan/memory.py's estimates),
     the verified merge is refused with its fix and writes nothing; the same merge with --no-verify runs."""
     from lora_tuner.errors import UserError
-    from lora_tuner.plan import commands
+    from lora_tuner.plan import memory
     from lora_tuner.verify.verdict import ROWS
 
     base = sharded_base(tmp_path / "base", "llama")
     random_adapter(base, tmp_path / "adapter")
-    shape = commands.Shape.of_folder(tmp_path / "base", "test")
-    lora = LoraDeltas(tmp_path / "adapter", "test").params
-    plain, verified = commands.merge(shape, lora, None, False).total, commands.merge(shape, lora, ROWS, False).total
+    shape = memory.Shape.of_folder(tmp_path / "base")
+    lora = LoraDeltas(tmp_path / "adapter").params
+    plain, verified = memory.for_merge(shape, lora, None, False).total, memory.for_merge(shape, lora, ROWS, False).total
     assert plain < verified
     monkeypatch.setenv("LORA_TUNE_MEMORY", str((plain + verified) // 2))
     with pytest.raises(UserError, match="merge with verification needs about .* pass --no-verify"):

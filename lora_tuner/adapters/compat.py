@@ -13,7 +13,7 @@ def adapter_folder(path: str | Path) -> Path:
     try:
         return Path(path).expanduser().resolve()
     except (OSError, RuntimeError) as exc:  # Python raises RuntimeError for a symlink loop
-        raise fail(str(path), "adapter", f"cannot resolve the path ({exc})", "point at a real adapter folder") from None
+        raise fail("adapter", f"cannot resolve the path ({exc})", "point at a real adapter folder", source=str(path)) from None
 
 
 def adapter_name(folder: str | Path) -> str:
@@ -23,6 +23,6 @@ def adapter_name(folder: str | Path) -> str:
 
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name) or name == "__base__":  # peft reserves __base__ for "no adapter" rows
-        raise fail("adapter", "name", f"{name!r} is not a plain identifier",
-                   "use letters, digits and '_', e.g. support_v2")
+        raise fail("name", f"{name!r} is not a plain identifier",
+                   "use letters, digits and '_', e.g. support_v2", source="adapter")
     return name

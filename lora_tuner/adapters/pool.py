@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from ..config.schema import ModelSection, QuantizationSection
-from ..errors import fail
+from ..errors import about, fail
 from ..model.loading import load_base
 from ..model.lora import check_adapter
 from ..model.tokenizer import load_tokenizer
@@ -29,20 +29,27 @@ class AdapterPool:
 
     def __init__(self, base: str, quantization: str = "none", dtype: str = "float32", max_loaded: int = 8,
                  tokenizer: str | None = None):
-        run = RunFolder(base)
-        if run.is_run:  # a run folder: its base, quantization, dtype and tokenizer
-            recipe = run.recipe()
-            section = recipe.model.model_copy(update={
-                "name_or_path": run.base_model(), "init": "pretrained", "tokenizer": tokenizer or base})
-            quant = recipe.quantization
-        else:
-            section = ModelSection(name_or_path=base, dtype=dtype, tokenizer=tokenizer)
-            quant = QuantizationSection(mode=quantization, compute_dtype=dtype)
-        self.base_id = section.name_or_path
-        _check_memory(section, quant)
-        self.tokenizer = load_tokenizer(section, "AdapterPool")
-        self.tokenizer.padding_side = "left"  # generation appends on the right
-        self.model = load_base(section, quant, section.name_or_path, "AdapterPool").eval()
+        """Load the base once; adapters are added by name.
+
+        Args:
+            base: a run folder (its pinned base, quantization, dtype and tokenizer) or a base model folder or hub id.
+            quantization: for a base given directly: none, 8bit or 4bit.
+            dtype: for a base given directly: the weights' dtype.
+            max_loaded: adapters kept in memory; the least recently used is re-read from disk when asked for.
+            tokenizer: a tokenizer folder other than the base's (or the run's).
+
+        Example:
+            pool = AdapterPool("adapters/support-run")
+            pool.add("legal", "adapters/legal-run")
+            pool.generate("Summarise ...", adapter="legal")
+        """
+        with about(base):
+            section, quant, run = _base_of(base, quantization, dtype, tokenizer)
+            self.base_id = section.name_or_path
+            _check_memory(section, quant)
+            self.tokenizer = load_tokenizer(section)
+            self.tokenizer.padding_side = "left"  # generation appends on the right
+            self.model = load_base(section, quant, section.name_or_path).eval()
         self.max_loaded = max_loaded
         self.paths: dict[str, Path] = {}
         self.prompts: dict[str, TrainingPrompt] = {}
@@ -101,8 +108,8 @@ class AdapterPool:
         Raises jinja2's TemplateError for messages that template refuses."""
         template = self._prompt(adapter).chat_template or self.tokenizer.chat_template
         if template is None:
-            raise fail("AdapterPool", "chat", f"{adapter or 'the base'} has no chat template",
-                       "send the prompt as plain text (completions)")
+            raise fail("chat", f"{adapter or 'the base'} has no chat template",
+                       "send the prompt as plain text (completions)", source="AdapterPool")
         text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -114,8 +121,8 @@ class AdapterPool:
         prompts = [prompts] if single else list(prompts)
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
         if len(adapters) != len(prompts):
-            raise fail("generate", "adapter", f"{len(adapters)} adapters for {len(prompts)} prompts",
-                       "give one adapter per prompt, or a single one for all")
+            raise fail("adapter", f"{len(adapters)} adapters for {len(prompts)} prompts",
+                       "give one adapter per prompt, or a single one for all", source="generate")
         ids = [self.prompt_ids(p, a, template) for p, a in zip(prompts, adapters)]
         decoded = self.generate_from_ids(ids, adapters, max_new_tokens, **generate_kwargs)
         return decoded[0] if single else decoded
@@ -133,8 +140,8 @@ class AdapterPool:
             else:
                 needed = {a for a in adapters if a is not None}
                 if len(needed) > self.max_loaded:
-                    raise fail("generate", "adapter", f"{len(needed)} adapters in one batch, max_loaded is "
-                               f"{self.max_loaded}", "raise max_loaded or split the batch")
+                    raise fail("adapter", f"{len(needed)} adapters in one batch, max_loaded is "
+                               f"{self.max_loaded}", "raise max_loaded or split the batch", source="generate")
                 for name in needed:
                     self._ensure_loaded(name)
                 with _hooks_removed_after(self.model):
@@ -147,8 +154,8 @@ class AdapterPool:
 
     def _known(self, name: str | None) -> str | None:
         if name is not None and name not in self.paths:
-            raise fail("AdapterPool", "adapter", f"{name!r} was never added (known: {sorted(self.paths)})",
-                       "call pool.add(name, path) first")
+            raise fail("adapter", f"{name!r} was never added (known: {sorted(self.paths)})",
+                       "call pool.add(name, path) first", source="AdapterPool")
         return name
 
     def _ensure_loaded(self, name: str) -> None:
@@ -168,8 +175,8 @@ class AdapterPool:
         except Exception as exc:
             if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                 self.model.delete_adapter(name)
-            raise fail(str(path), "adapter", f"peft could not load it ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:160]})", "check that it was saved by peft for this base") from None
+            raise fail("adapter", f"peft could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                       "check that it was saved by peft for this base", source=str(path)) from None
         self.resident[name] = None
         while len(self.resident) > self.max_loaded:  # evict after loading: peft keeps at least one adapter
             self._unload(next(iter(self.resident)))
@@ -196,15 +203,26 @@ def _hooks_removed_after(model: torch.nn.Module):
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
+def _base_of(base: str, quantization: str, dtype: str, tokenizer: str | None):
+    """(model section, quantization section, run folder) of the pool's base: a run folder's, or the one given."""
+    run = RunFolder(base)
+    if run.is_run:  # a run folder: its base, quantization, dtype and tokenizer
+        recipe = run.recipe()
+        section = recipe.model.model_copy(update={
+            "name_or_path": run.base_model(), "init": "pretrained", "tokenizer": tokenizer or base})
+        return section, recipe.quantization, run
+    section = ModelSection(name_or_path=base, dtype=dtype, tokenizer=tokenizer)
+    return section, QuantizationSection(mode=quantization, compute_dtype=dtype), run
+
+
 def _check_memory(section: ModelSection, quantization: QuantizationSection) -> None:
-    """The base in memory, refused up front when it would not fit (plan/commands.py); a hub id is not measured."""
-    from ..plan import commands
+    """The base in memory, refused up front when it would not fit (plan/memory.py); a hub id is not measured."""
+    from ..plan import memory
 
     folder = Path(section.name_or_path)
     if not (folder / "config.json").is_file():
         return
-    bytes_per_weight = commands.BYTES_PER_WEIGHT.get(quantization.mode, 4 if section.dtype == "float32" else 2)
-    need = commands.loaded_model(commands.Shape.of_folder(folder, section.name_or_path), bytes_per_weight,
-                                 f"the base {folder.name!r} in memory")
-    commands.require(need, section.name_or_path, "memory", "load it 4-bit (quantization.mode: 4bit) or on a "
-                     "machine with more memory")
+    bytes_per_weight = memory.BYTES_PER_WEIGHT.get(quantization.mode, 4 if section.dtype == "float32" else 2)
+    need = memory.for_loaded_model(memory.Shape.of_folder(folder), bytes_per_weight,
+                                   f"the base {folder.name!r} in memory")
+    memory.require(need, "memory", "load it 4-bit (quantization.mode: 4bit) or on a machine with more memory")

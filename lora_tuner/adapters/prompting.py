@@ -2,8 +2,8 @@
 from dataclasses import dataclass
 from typing import Callable
 
-from ..data.formats import FORMATS
-from ..data.templates import resolve
+from ..formats.registry import FORMATS
+from ..formats.templates import resolve
 from ..data.tokenize import prompt_ids, training_chat_template
 from ..run_folder import RunFolder
 

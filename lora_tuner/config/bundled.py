@@ -20,5 +20,5 @@ def recipe_file(name_or_path: str) -> Path:
     name = path.name.removesuffix(".yaml")
     if path.parent == Path(".") and name in known:
         return known[name]
-    raise fail(name_or_path, "(file)", "recipe file not found, and no bundled recipe has that name",
-               f"check the path, or use one of: {', '.join(known)}")
+    raise fail("(file)", "recipe file not found, and no bundled recipe has that name",
+               f"check the path, or use one of: {', '.join(known)}", source=name_or_path)

@@ -6,7 +6,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import Problem, UserError, fail, show
+from ..errors import Problem, UserError, about, current, fail, show
 from .bundled import recipe_file
 from .schema import Recipe
 
@@ -29,45 +29,53 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Parse, override and validate a recipe (a file, or the name of a bundled one); raise UserError listing every
-    problem at once."""
+    """Parse, override and validate a recipe; raise UserError listing every problem at once.
+
+    Args:
+        path: a recipe file, or the name of a bundled recipe (`lora-tune recipes` lists them).
+        overrides: KEY=VALUE strings as `--set` takes them (values parsed as YAML).
+
+    Example:
+        recipe = load_recipe("demo-tiny-cpu", ["train.max_steps=50"])
+    """
     path = recipe_file(str(path))
-    source = str(path)
-    raw = _read_yaml(path)
-    for override in overrides:
-        _apply_override(raw, override, source)
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError([_problem(source, raw, error) for error in _one_per_field(exc.errors())]) from None
+    with about(path):
+        raw = _read_yaml(path)
+        for override in overrides:
+            _apply_override(raw, override)
+        try:
+            recipe = Recipe.model_validate(raw)
+        except ValidationError as exc:
+            raise UserError([_problem(raw, error) for error in _one_per_field(exc.errors())]) from None
+    recipe._file = str(path)
+    return recipe
 
 
 def _read_yaml(path: Path) -> dict:
-    source = str(path)
     try:
         loader = RecipeLoader(path.read_text(encoding="utf-8"))
         try:
             root = loader.get_single_node()
-            _refuse_alias_bombs(root, source)
+            _refuse_alias_bombs(root)
             raw = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
     except UnicodeDecodeError:
-        raise fail(source, "(file)", "not UTF-8 text", "save the recipe as UTF-8") from None
+        raise fail("(file)", "not UTF-8 text", "save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         if what.startswith("duplicate key"):
-            raise fail(source, where, what, "give each key once; merge the two sections") from None
-        raise fail(source, where, f"YAML syntax error: {what}", "fix the YAML (indentation, quotes, ':' spacing)") from None
+            raise fail(where, what, "give each key once; merge the two sections") from None
+        raise fail(where, f"YAML syntax error: {what}", "fix the YAML (indentation, quotes, ':' spacing)") from None
     if not isinstance(raw, dict):
-        raise fail(source, "(top level)", f"expected a mapping of sections, got {show(raw)}",
+        raise fail("(top level)", f"expected a mapping of sections, got {show(raw)}",
                    "start the file with sections such as 'model:' and 'data:'")
     return raw
 
 
-def _refuse_alias_bombs(root, source: str) -> None:
+def _refuse_alias_bombs(root) -> None:
     """Count the values the document expands to (each alias counted as the whole value it repeats), without
     expanding it: nine nested aliases of nine ("billion laughs") are refused in microseconds, not gigabytes."""
     sizes = {}
@@ -81,27 +89,26 @@ def _refuse_alias_bombs(root, source: str) -> None:
         return sizes[id(node)]
 
     if root is not None and size(root) > MAX_VALUES:
-        raise fail(source, "(file)", f"the YAML expands to {size(root):,} values through aliases (*name)",
+        raise fail("(file)", f"the YAML expands to {size(root):,} values through aliases (*name)",
                    f"a recipe holds a few hundred; remove the nested aliases (limit {MAX_VALUES:,})")
 
 
-def _apply_override(raw: dict, override: str, source: str) -> None:
+def _apply_override(raw: dict, override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise fail("--set", show(override), "expected KEY=VALUE", "write e.g. --set train.learning_rate=1e-4")
+        raise fail(show(override), "expected KEY=VALUE", "write e.g. --set train.learning_rate=1e-4", source="--set")
     try:
         value = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as exc:
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise fail("--set", key, f"{show(text)} is not a YAML value ({what})",
-                   "quote it, or write e.g. --set train.max_steps=100 or --set lora.target_modules=[q_proj,v_proj]") \
-            from None
+        raise fail(key, f"{show(text)} is not a YAML value ({what})", "quote it, or write e.g. --set "
+                   "train.max_steps=100 or --set lora.target_modules=[q_proj,v_proj]", source="--set") from None
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise fail(source, key, f"cannot set inside a {type(node).__name__}", "check the key path")
+            raise fail(key, f"cannot set inside a {type(node).__name__}", "check the key path")
     node[leaf] = value
 
 
@@ -120,7 +127,7 @@ def _one_per_field(errors: list[dict]) -> list[dict]:
     return kept
 
 
-def _problem(source: str, raw: dict, error: dict) -> Problem:
+def _problem(raw: dict, error: dict) -> Problem:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "(top level)"
     kind = error["type"]
@@ -128,15 +135,15 @@ def _problem(source: str, raw: dict, error: dict) -> Problem:
         parent_model = _model_at(Recipe, loc[:-1])
         near = difflib.get_close_matches(loc[-1], list(parent_model.model_fields) if parent_model else [], n=1)
         fix = f"did you mean '{'.'.join(loc[:-1] + near)}'?" if near else EXPLAIN_HINT
-        return Problem(source, key, f"unknown key (value {show(error['input'])})", fix)
+        return Problem(current(), key, f"unknown key (value {show(error['input'])})", fix)
     if kind == "missing":
-        return Problem(source, key, "required but missing", f"add it; {EXPLAIN_HINT}")
+        return Problem(current(), key, "required but missing", f"add it; {EXPLAIN_HINT}")
     if kind.startswith("literal_error"):
-        return Problem(source, key, f"{show(error['input'])} is not allowed", f"use one of {_choices(error)}")
+        return Problem(current(), key, f"{show(error['input'])} is not allowed", f"use one of {_choices(error)}")
     message = error["msg"].removeprefix("Value error, ")
     if not isinstance(error["input"], dict):  # a whole section is too long to quote
         message += f" (got {show(error['input'])})"
-    return Problem(source, key, message, _field_doc(loc))
+    return Problem(current(), key, message, _field_doc(loc))
 
 
 def _field_doc(loc: list[str]) -> str:

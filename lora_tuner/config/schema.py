@@ -2,10 +2,11 @@
 import re
 from typing import Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationInfo, field_validator,
+                      model_validator)
 
-from ..data.formats import FORMATS, METHOD_KINDS
-from ..data.templates import slot_problems
+from ..formats.registry import FORMATS, METHOD_KINDS
+from ..formats.templates import slot_problems
 
 DType = Literal["bfloat16", "float16", "float32"]
 AutoDType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -231,6 +232,7 @@ class InitSection(Section):
 
 
 class Recipe(Section):
+    """A whole recipe. `file` is where it was read from (load_recipe), what its error lines name."""
     model: ModelSection
     init: InitSection = InitSection()
     quantization: QuantizationSection = QuantizationSection()
@@ -239,6 +241,11 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     distributed: DistributedSection = DistributedSection()
     output: OutputSection
+    _file: str | None = PrivateAttr(default=None)
+
+    @property
+    def file(self) -> str:
+        return self._file or "recipe"
 
     @model_validator(mode="before")
     @classmethod

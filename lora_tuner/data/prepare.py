@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 
 from ..config.schema import Recipe
 from ..errors import fail
-from .formats import FORMATS, METHOD_KINDS
+from ..formats.registry import FORMATS, METHOD_KINDS
 from .reading import read_rows
-from .templates import resolve
+from ..formats.templates import resolve
 from .tokenize import Tokenized, TokenizedExample, TokenizedLabelled, tokenize_rows
 
 if TYPE_CHECKING:
@@ -57,13 +57,13 @@ def dropped_summary(dropped: dict[str, list[int]], rows_read: int) -> str:
     return f"{total} of {rows_read} rows unusable: " + "; ".join(parts)
 
 
-def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", source: str) -> PreparedData:
+def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None") -> PreparedData:
     """Without a tokenizer (a hub one, checked offline) lengths are left unchecked; everything else is checked."""
     data = recipe.data
     data_format = FORMATS[data.format]
-    raw = read_rows(data.path, data.limit, source)
+    raw = read_rows(data.path, data.limit)
     if not raw.rows:
-        raise fail(source, "data.path", f"{data.path!r} holds no rows", "point data.path at a non-empty data set")
+        raise fail("data.path", f"{data.path!r} holds no rows", "point data.path at a non-empty data set")
     kind = data_format.kind
     rows, dropped, template = [], defaultdict(list), resolve(data.template)
     for number, item in enumerate(raw.rows, start=1):
@@ -76,17 +76,17 @@ def prepare_data(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase | None", so
         else:
             rows.append(Row(number, example, None))
     if not rows and all(reason.startswith("missing") for reason in dropped):
-        raise _wrong_columns(raw.rows[0], recipe, template, source)
+        raise _wrong_columns(raw.rows[0], recipe, template)
     if tokenizer is not None:
-        _check_chat_template(rows, tokenizer, recipe, source)
+        _check_chat_template(rows, tokenizer, recipe)
         rows = _tokenized(rows, tokenizer, data.max_length, dropped, kind)
     if not rows:
-        raise fail(source, "data", f"no usable rows: {dropped_summary(dropped, len(raw.rows))}",
+        raise fail("data", f"no usable rows: {dropped_summary(dropped, len(raw.rows))}",
                    "fix the rows, or raise data.max_length if they are too long")
     if dropped and data.bad_rows == "fail":
-        raise fail(source, "data.bad_rows", f"'fail' and {dropped_summary(dropped, len(raw.rows))}",
+        raise fail("data.bad_rows", f"'fail' and {dropped_summary(dropped, len(raw.rows))}",
                    "fix those rows or set data.bad_rows: drop")
-    train, validation = _split(rows, recipe, source)
+    train, validation = _split(rows, recipe)
     if recipe.train.method == "kto" and kind == "pairs":  # KTO trains on each reply alone; validation keeps the pairs
         train = [one for row in train for one in unpaired(row)]
     return PreparedData(train, validation, raw.sha256, len(raw.rows), dict(dropped))
@@ -105,10 +105,10 @@ def _valid_unicode(value) -> bool:
     return all(_valid_unicode(item) for item in value) if isinstance(value, list) else True
 
 
-def _check_chat_template(rows: list[Row], tokenizer, recipe: Recipe, source: str) -> None:
+def _check_chat_template(rows: list[Row], tokenizer, recipe: Recipe) -> None:
     """Message-list rows are rendered by the tokenizer's chat template: without one there is no prompt to train."""
     if rows and isinstance(rows[0].example["prompt"], list) and not tokenizer.chat_template:
-        raise fail(source, "data.format", f"{recipe.data.format!r} rows are conversations, which the tokenizer's chat "
+        raise fail("data.format", f"{recipe.data.format!r} rows are conversations, which the tokenizer's chat "
                    "template renders, and this tokenizer has none", "use a tokenizer with a chat template "
                    "(model.tokenizer), or rows in a text format (alpaca, preference, kto)")
 
@@ -135,20 +135,20 @@ def _tokenized(rows: list[Row], tokenizer, max_length: int, dropped: dict, kind:
     return kept
 
 
-def _split(rows: list[Row], recipe: Recipe, source: str) -> tuple[list[Row], list[Row]]:
+def _split(rows: list[Row], recipe: Recipe) -> tuple[list[Row], list[Row]]:
     size = recipe.data.validation_size
     if size == 0:
         return rows, []
     count = round(size * len(rows)) if size < 1 else int(size)
     if not 1 <= count < len(rows):
-        raise fail(source, "data.validation_size", f"{size:g} leaves {count} of {len(rows)} usable rows for validation",
+        raise fail("data.validation_size", f"{size:g} leaves {count} of {len(rows)} usable rows for validation",
                    "choose a fraction or count that leaves rows on both sides")
     held_out = set(random.Random(recipe.train.seed).sample(range(len(rows)), count))
     return ([row for i, row in enumerate(rows) if i not in held_out],
             [row for i, row in enumerate(rows) if i in held_out])
 
 
-def _wrong_columns(first_row, recipe: Recipe, template, source: str):
+def _wrong_columns(first_row, recipe: Recipe, template):
     """Names the format the rows are in, when one the recipe's method trains on reads the first row."""
     data_format = recipe.data.format
     found = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
@@ -156,7 +156,7 @@ def _wrong_columns(first_row, recipe: Recipe, template, source: str):
              and isinstance(first_row, dict) and isinstance(f.to_example(first_row, template), dict)]
     fix = (f"set data.format: {reads[0]} (it reads these rows)" if reads else
            f"set data.format to match the file ({', '.join(FORMATS)}) or rename the columns")
-    return fail(source, "data.format", f"{data_format!r} needs columns {list(FORMATS[data_format].columns)}, "
+    return fail("data.format", f"{data_format!r} needs columns {list(FORMATS[data_format].columns)}, "
                 f"the data has {found}", fix)
 
 

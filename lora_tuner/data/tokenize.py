@@ -6,8 +6,8 @@ continues it: jointly tokenized when that keeps the prompt's tokens, else tokeni
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .formats import FORMATS, is_conversational
-from .templates import resolve
+from ..formats.registry import FORMATS, is_conversational
+from ..formats.templates import resolve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..data.formats import response_example
-from ..errors import fail
+from ..formats.registry import response_example
+from ..errors import about, fail
 from ..outputs import Output, write_text
 from ..run_folder import RunFolder
 from ..verify.scoring import batches, loss, perplexity, scored_tokens, tokenized_rows
@@ -96,27 +96,32 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     Example:
         report = evaluate("adapters/smollm2-135m-alpaca", generate=3)
     """
-    target, source = RunFolder(folder), str(folder)
+    with about(folder):
+        return _evaluate(RunFolder(folder), Path(merged) if merged else None, data, rows, generate, max_new_tokens)
+
+
+def _evaluate(target: RunFolder, merged: Path | None, data: str | None, rows: int | None, generate: int,
+              max_new_tokens: int) -> EvalReport:
     if merged is not None:
-        _check_merged(Path(merged), source)
-    pool, recipe, tokenizer = _load(target, source)
+        _check_merged(merged)
+    pool, recipe, tokenizer = _load(target)
     if merged is not None and pool is not None:
-        _check_same_model(Path(merged), pool.model.config, source)
+        _check_same_model(merged, pool.model.config)
     merged = merged or (None if pool else target.path)
     start = target.start_adapter() if pool else None  # as pinned when the run trained: wherever eval runs from
     written = Output(target / RunFolder.EVAL_JSON, "FOLDER", "evaluation report", {
         "--data file": data, "--merged export": merged, "base": pool.base_id if pool else None,
-        "start adapter": start}, source, beside=(".md",))
-    examples, held_out, where = _examples(target, recipe, tokenizer, data, source)
+        "start adapter": start}, beside=(".md",))
+    examples, held_out, where = _examples(target, recipe, tokenizer, data)
     examples = examples[:rows] if rows else examples
     max_length = recipe.data.max_length if recipe else DEFAULT_MAX_LENGTH
-    tokenized = _scored_rows(examples, tokenizer, max_length, where, "--data" if data else RunFolder.VALIDATION, source)
+    tokenized = _scored_rows(examples, tokenizer, max_length, where, "--data" if data else RunFolder.VALIDATION)
     scored_rows = batches(tokenized, tokenizer.pad_token_id or 0)
     pairs = tokenized_pairs(tokenizer, [e for e in examples if "chosen" in e], max_length) if pool else []
     models, logps = _score_pool(pool, start, scored_rows, pairs) if pool else ([], {})
     reference = _score_preferences(models, logps, recipe) if pairs else None
     if merged is not None:
-        models.append(_score_export(Path(merged), scored_rows))
+        models.append(_score_export(merged, scored_rows))
     _gains(models)
     report = EvalReport(str(target.path), where, held_out, len(tokenized), sum(len(b.targets) for b in scored_rows),
                         models, str(pool.model.dtype).removeprefix("torch.") if pool else None,
@@ -126,7 +131,7 @@ def evaluate(folder: str | Path, merged: str | Path | None = None, data: str | N
     return report
 
 
-def _load(target: RunFolder, source: str):
+def _load(target: RunFolder):
     """(pool with the run's adapter as "adapter", or None for a merged export; the recipe; the tokenizer)."""
     from ..adapters import AdapterPool
 
@@ -139,16 +144,16 @@ def _load(target: RunFolder, source: str):
 
         recipe = target.recipe() if target.file(RunFolder.RECIPE) else None
         return None, recipe, AutoTokenizer.from_pretrained(target.path)
-    raise fail(source, "folder", "not a lora-tune run folder nor a merged export",
+    raise fail("folder", "not a lora-tune run folder nor a merged export",
                "point at adapters/<run> or at a folder written by lora-tune merge")
 
 
-def _scored_rows(examples: list[dict], tokenizer, max_length: int, where: str, field: str, source: str):
+def _scored_rows(examples: list[dict], tokenizer, max_length: int, where: str, field: str):
     """The rows' responses as training tokenized them; refused when there is nothing to score."""
     responses = [e for e in map(response_example, examples) if e is not None]
     tokenized = tokenized_rows(tokenizer, responses, max_length)
     if not scored_tokens(tokenized):
-        raise fail(source, field, f"the {len(examples)} rows of {where} give no response tokens to score (no row "
+        raise fail(field, f"the {len(examples)} rows of {where} give no response tokens to score (no row "
                    f"with a response, or a desirable one, that fits {max_length} tokens)",
                    "pass --data FILE with rows that have responses")
     return tokenized
@@ -171,9 +176,9 @@ def _score_pool(pool, start: Path | None, scored_rows, pairs) -> tuple[list[Scor
 
 def _score_export(merged: Path, scored_rows) -> Scored:
     """A merged export, streamed: fits at any size, in float32."""
-    from ..export.weights import streamed_source
+    from ..export.merged_weights import streamed_source
 
-    export = streamed_source(merged, "the export", str(merged))
+    export = streamed_source(merged, "the export")
     stored = str(export.config.dtype).removeprefix("torch.")
     return Scored(f"merged {merged.name} ({stored}, computed in float32)",
                   *_measure(export.model(), scored_rows, "scoring the export"))
@@ -193,17 +198,17 @@ def _score_preferences(models: list[Scored], logps: dict[str, PairLogps], recipe
     return f"{reference}, beta {beta:g}"
 
 
-def _check_merged(merged: Path, source: str) -> None:
+def _check_merged(merged: Path) -> None:
     """Refused before any model loads: not a model folder, a run folder, or weights that are not safetensors."""
     from ..weights.shards import base_shards
 
     if not (merged / "config.json").is_file() or RunFolder(merged).has_adapter:
-        raise fail(source, "--merged", f"{str(merged)!r} is not a merged model folder",
+        raise fail("--merged", f"{str(merged)!r} is not a merged model folder",
                    "point at a folder written by lora-tune merge")
-    base_shards(merged, source, "--merged")
+    base_shards(merged, "--merged")
 
 
-def _check_same_model(merged: Path, base_config, source: str) -> None:
+def _check_same_model(merged: Path, base_config) -> None:
     """A merged export of this run's base: another model scores the run's rows with a vocabulary or shape that does
     not fit them (an index error, or a meaningless gain)."""
     from ..weights.weight_map import config_of
@@ -211,7 +216,7 @@ def _check_same_model(merged: Path, base_config, source: str) -> None:
     theirs, ours = config_of(merged).get_text_config(), base_config.get_text_config()
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if getattr(theirs, key, None) != getattr(ours, key, None):
-            raise fail(source, "--merged", f"{str(merged)!r} has {key} {getattr(theirs, key, None)!r}, the run's "
+            raise fail("--merged", f"{str(merged)!r} has {key} {getattr(theirs, key, None)!r}, the run's "
                        f"base {getattr(ours, key, None)!r}", "point at the merged export of this run")
 
 
@@ -228,21 +233,22 @@ def _gains(models: list[Scored]) -> None:
             m.gain_kept = (names["base"].loss - m.loss) / gain if abs(gain) > 1e-9 else None
 
 
-def _examples(target: RunFolder, recipe, tokenizer, data: str | None, source: str):
+def _examples(target: RunFolder, recipe, tokenizer, data: str | None):
     """(examples as prepared for training, whether they were held out (None: unknown), where they came from)."""
     if data is None:
         examples, held_out = target.validation_examples()
         if not examples:
-            raise fail(source, "--data", "this folder records no validation rows", "pass --data FILE")
+            raise fail("--data", "this folder records no validation rows", "pass --data FILE")
         return examples, held_out, f"{RunFolder.VALIDATION} of the run"
     if recipe is None:
-        raise fail(source, "--data", "this folder has no recipe, so the rows' format and prompt are unknown",
+        raise fail("--data", "this folder has no recipe, so the rows' format and prompt are unknown",
                    "evaluate the run folder with --merged DIR instead")
     from ..data.prepare import prepare_data
 
     rows_recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={
         "path": data, "validation_size": 0, "limit": None, "bad_rows": "drop"})})
-    prepared = prepare_data(rows_recipe, tokenizer, "--data")
+    with about("--data"):
+        prepared = prepare_data(rows_recipe, tokenizer)
     return [row.example for row in prepared.train], None, data
 
 

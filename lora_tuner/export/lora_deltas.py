@@ -11,8 +11,8 @@ CHECK_STRIDE = 16  # check_rows checks every 16th row of a chunk
 class LoraDeltas:
     """An accepted adapter (weights/adapter.py) as the deltas merge and the LoRA GGUF apply, in fp32."""
 
-    def __init__(self, folder: Path, source: str):
-        self.adapter = LoraAdapter(folder, source)
+    def __init__(self, folder: Path):
+        self.adapter = LoraAdapter(folder)
         self._factors = {name: (pair.a.T, pair.b.T, pair.scale) if self.adapter.fan_in_fan_out else
                          (pair.b, pair.a, pair.scale) for name, pair in self.adapter.pairs.items()}
         # scale * each row's largest |A| entry, for check_rows' bound: once, not per chunk

@@ -12,16 +12,15 @@ from .quantization import bnb_config, keep_4bit_weights_unpacked
 from .source import random_config
 
 
-def build_random_base(model: ModelSection, seed: int, folder: Path, source: str) -> str:
+def build_random_base(model: ModelSection, seed: int, folder: Path) -> str:
     """Save a randomly initialised model of the recipe's config, to be loaded like any real base."""
-    config = random_config(model, source)
+    config = random_config(model)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model.dtype)).save_pretrained(folder)
     return str(folder)
 
 
-def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
-              source: str = "recipe", sharded: bool = False) -> PreTrainedModel:
+def load_base(model: ModelSection, quantization: QuantizationSection, path: str, sharded: bool = False) -> PreTrainedModel:
     """sharded: FSDP / ZeRO-3 will split the weights across ranks, so they are not placed on a device here."""
     try:
         base = AutoModelForCausalLM.from_pretrained(
@@ -37,7 +36,7 @@ def load_base(model: ModelSection, quantization: QuantizationSection, path: str,
     except ValueError as exc:
         if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
             raise
-        raise fail(source, "model.attn_implementation", f"{model.attn_implementation!r} is not supported by "
+        raise fail("model.attn_implementation", f"{model.attn_implementation!r} is not supported by "
                    f"this model ({str(exc).splitlines()[0][:100]})", "use auto or eager") from None
     if quantization.mode == "4bit":
         keep_4bit_weights_unpacked(base)

@@ -50,10 +50,10 @@ def check_adapter(folder: Path, model: torch.nn.Module, base_id: str | None) -> 
     """The folder holds an accepted adapter (weights/adapter.py) whose every weight fits a module of this loaded base,
     trained (when its run says) on this base: checked before peft sees the pair."""
     run = RunFolder(folder)
-    adapter = LoraAdapter(folder, str(folder))
+    adapter = LoraAdapter(folder)
     trained_on = run.manifest().base_model.name_or_path if run.is_run else None
     if trained_on and base_id and not same_base(trained_on, base_id):
-        raise fail(str(folder), "base", f"the adapter was trained on {trained_on!r}, this base is {base_id!r}",
-                   "use the adapter on its own base (its run.json says which)")
+        raise fail("base", f"the adapter was trained on {trained_on!r}, this base is {base_id!r}",
+                   "use the adapter on its own base (its run.json says which)", source=str(folder))
     adapter.check_fits(module_shapes(model), str(base_id))
     return adapter

@@ -31,24 +31,24 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_tokenizer(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
-    tokenizer = _load(model, source)
+def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
+    tokenizer = _load(model)
     if tokenizer.pad_token is None:  # batched eval and generation need one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _load(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
+def _load(model: ModelSection) -> PreTrainedTokenizerBase:
     name = model.tokenizer or model.name_or_path
     if name == "bytes":
         return byte_tokenizer()
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         field = "model.tokenizer" if model.tokenizer else "model.name_or_path"
-        raise fail(source, field, f"tokenizer {name!r} not found", "check the path, or use a hub id or 'bytes'")
+        raise fail(field, f"tokenizer {name!r} not found", "check the path, or use a hub id or 'bytes'")
     if name.endswith(".model"):
         path = Path(name)
         if not path.is_file():
-            raise fail(source, "model.tokenizer", f"SentencePiece file {name!r} not found", "check the path")
+            raise fail("model.tokenizer", f"SentencePiece file {name!r} not found", "check the path")
         return LlamaTokenizer.from_pretrained(str(path.parent), add_bos_token=True)
     try:
         return AutoTokenizer.from_pretrained(
@@ -56,7 +56,7 @@ def _load(model: ModelSection, source: str) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as exc:
         field = "model.tokenizer" if model.tokenizer else "model.name_or_path"
-        raise fail(source, field, f"cannot load a tokenizer from {name!r} ({_first_line(exc)})",
+        raise fail(field, f"cannot load a tokenizer from {name!r} ({_first_line(exc)})",
                    "point it at a folder with tokenizer files, a tokenizer.model file, or 'bytes'") from None
 
 

@@ -15,10 +15,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..config.schema import Recipe
 from ..data.reading import is_local
-from ..errors import fail
+from ..errors import about, fail
 from ..model.anatomy import meta_model, quantized_linears
 from ..model.dtypes import native_dtype
-from ..train.response_loss import CHUNK_ELEMENTS
+from ..model.response_loss import CHUNK_ELEMENTS
 from ..verify import ROWS
 from .devices import GIB, Device, device
 from .known_configs import KNOWN, KNOWN_DATA
@@ -123,15 +123,15 @@ class Plan:
         return None if self.data.tokens is None else self.data.tokens * self.seconds_per_token
 
     def after_training(self) -> list:
-        """What merge, export and serving the result need here (plan/commands.py), by their defaults."""
-        from . import commands
+        """What merge, export and serving the result need here (plan/memory.py), by their defaults."""
+        from . import memory
 
         config = self.parts.config.get_text_config().to_dict()
-        shape = commands.Shape.of_config(config, self.params, self.parts.largest_tensor)
-        weight_bytes = commands.BYTES_PER_WEIGHT.get(self.quantization, DTYPE_BYTES[self.dtype])
-        return [commands.merge(shape, self.lora_params, ROWS, self.quantization == "4bit"),
-                commands.gguf_export(shape, "q8_0", ROWS),
-                commands.loaded_model(shape, weight_bytes, "serve, generate, eval")]
+        shape = memory.Shape.of_config(config, self.params, self.parts.largest_tensor)
+        weight_bytes = memory.BYTES_PER_WEIGHT.get(self.quantization, DTYPE_BYTES[self.dtype])
+        return [memory.for_merge(shape, self.lora_params, ROWS, self.quantization == "4bit"),
+                memory.for_gguf_export(shape, "q8_0", ROWS),
+                memory.for_loaded_model(shape, weight_bytes, "serve, generate, eval")]
 
     def lines(self) -> list[str]:
         quantized = sum(m.weight.numel() for m in self.parts.quantized.values()) if self.quantized else 0
@@ -163,8 +163,8 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
 
 
-def anatomy(recipe: Recipe, source: str) -> Anatomy:
-    config = model_config(recipe, source)
+def anatomy(recipe: Recipe) -> Anatomy:
+    config = model_config(recipe)
     model = meta_model(config)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     head = model.get_output_embeddings()
@@ -179,7 +179,7 @@ def anatomy(recipe: Recipe, source: str) -> Anatomy:
     )
 
 
-def for_device(recipe: Recipe, target: Device, source: str) -> Recipe:
+def for_device(recipe: Recipe, target: Device) -> Recipe:
     """'auto' dtypes as `lora-tune run` resolves them there; a bf16 recipe on a GPU without bf16 is refused."""
     if target.name == "cpu":
         native = native_dtype()[0]
@@ -188,7 +188,7 @@ def for_device(recipe: Recipe, target: Device, source: str) -> Recipe:
         for field, value in (("model.dtype", recipe.model.dtype),
                              ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
             if value == "bfloat16" and not target.bf16:
-                raise fail(source, field, f"'bfloat16', which the {target.name} does not compute",
+                raise fail(field, f"'bfloat16', which the {target.name} does not compute",
                            f"set {field}: auto (float16 there) or float16")
     dtype = native if recipe.model.dtype == "auto" else recipe.model.dtype
     compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
@@ -199,14 +199,18 @@ def for_device(recipe: Recipe, target: Device, source: str) -> Recipe:
         "train": recipe.train.model_copy(update={"response_loss": response})})
 
 
-def make_plan(recipe: Recipe, source: str, device_name: str, tokens: int | None = None, world_size: int = 1) -> Plan:
+def make_plan(recipe: Recipe, device_name: str, tokens: int | None = None, world_size: int = 1) -> Plan:
     """Per-device memory and wall time; with several GPUs, the recipe's distributed strategy says what is sharded."""
-    target = device(device_name)
-    parts = anatomy(recipe, source)
-    recipe = for_device(recipe, target, source)
+    with about(recipe.file):
+        return _plan(recipe, device(device_name), tokens, world_size)
+
+
+def _plan(recipe: Recipe, target: Device, tokens: int | None, world_size: int) -> Plan:
+    parts = anatomy(recipe)
+    recipe = for_device(recipe, target)
     budget = usable_memory(target.memory_bytes)
     recipe = fit_to_memory(recipe, parts, budget, world_size)  # as `lora-tune run` decides
-    data = _data_shape(recipe, source, tokens)
+    data = _data_shape(recipe, tokens)
     if world_size > 1 and data.tokens:
         data = replace(data, tokens=data.tokens // world_size,  # each device's share
                        note=data.note + f", split over {world_size} devices ({recipe.distributed.strategy})")
@@ -271,7 +275,7 @@ def _with_train(recipe: Recipe, **changes) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update=changes)})
 
 
-def model_config(recipe: Recipe, source: str) -> PretrainedConfig:
+def model_config(recipe: Recipe) -> PretrainedConfig:
     model = recipe.model
     if model.init == "random":
         return AutoConfig.for_model(**model.config)
@@ -281,7 +285,7 @@ def model_config(recipe: Recipe, source: str) -> PretrainedConfig:
         # for ~25 s before it gives up, printing each retry)
         return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision, local_files_only=True)
     except OSError:
-        raise fail(source, "model.name_or_path", f"no config.json for {model.name_or_path!r} on this machine",
+        raise fail("model.name_or_path", f"no config.json for {model.name_or_path!r} on this machine",
                    "point it at a local model folder (only config.json is read)") from None
 
 
@@ -338,7 +342,7 @@ def _memory(recipe: Recipe, parts: Anatomy, world_size: int = 1) -> dict[str, in
     return memory
 
 
-def _data_shape(recipe: Recipe, source: str, tokens: int | None) -> DataShape:
+def _data_shape(recipe: Recipe, tokens: int | None) -> DataShape:
     train, data = recipe.train, recipe.data
     known = KNOWN_DATA.get(data.path)
     share = known["response_share"] if known else DEFAULT_RESPONSE_SHARE
@@ -347,7 +351,7 @@ def _data_shape(recipe: Recipe, source: str, tokens: int | None) -> DataShape:
         from ..data.prepare import prepare_data
         from ..model.tokenizer import load_tokenizer
 
-        rows = prepare_data(recipe, load_tokenizer(recipe.model, source), source).train
+        rows = prepare_data(recipe, load_tokenizer(recipe.model)).train
         sequences = [sequence for row in rows for sequence in row.tokens.sequences()]
         counted = sum(len(sequence) for sequence in sequences)
         share = sum(len(sequence.completion_ids) for sequence in sequences) / counted

@@ -29,6 +29,25 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
+@dataclass(frozen=True)
+class Text:
+    """New text of a request's answer."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The answer is complete: why it ended (stop, length) and the token counts."""
+    reason: str
+    usage: dict
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Generation failed for this request; the server serves on."""
+    error: Exception
+
+
 @dataclass
 class Job:
     """One request: its prompt ids, adapter (None: the bare base) and limits; events go to `events` on `loop`."""
@@ -43,7 +62,7 @@ class Job:
     sent: int = 0  # characters of text already handed out
     finish_reason: str | None = None
 
-    def emit(self, *event) -> None:
+    def emit(self, event: Text | Done | Failed) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -77,16 +96,16 @@ class Rows(StoppingCriteria):
         while ready > job.sent and text[ready - 1] == "\ufffd":
             ready -= 1
         if ready > job.sent:
-            job.emit("text", text[job.sent:ready])
+            job.emit(Text(text[job.sent:ready]))
             job.sent = ready
 
     def finish(self, job: Job, reason: str, text: str | None = None) -> None:
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=True) if text is None else text
         if len(text) > job.sent:
-            job.emit("text", text[job.sent:])
+            job.emit(Text(text[job.sent:]))
         job.finish_reason = reason
-        job.emit("done", reason, {"prompt_tokens": len(job.ids), "completion_tokens": len(job.tokens),
-                                  "total_tokens": len(job.ids) + len(job.tokens)})
+        job.emit(Done(reason, {"prompt_tokens": len(job.ids), "completion_tokens": len(job.tokens),
+                               "total_tokens": len(job.ids) + len(job.tokens)}))
 
 
 class Batcher:
@@ -127,11 +146,11 @@ class Batcher:
             for job in jobs:
                 if job.finish_reason is None and job not in fresh:
                     job.finish_reason = "error"
-                    job.emit("error", exc)
+                    job.emit(Failed(exc))
             if len(jobs) == 1:
                 for job in fresh:
                     job.finish_reason = "error"
-                    job.emit("error", exc)
+                    job.emit(Failed(exc))
                 return
             for job in fresh:
                 job.tokens = []

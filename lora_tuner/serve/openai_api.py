@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..adapters.compat import adapter_name
 from ..adapters.pool import AdapterPool
 from ..errors import UserError
-from .batcher import Batcher, Job, Sampling
+from .batcher import Batcher, Done, Failed, Job, Sampling, Text
 from .hosts import HostCheck, is_loopback
 
 DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens; OpenAI's completions default is 16
@@ -129,34 +129,156 @@ class AdapterRequest(BaseModel):
     name: str | None = None
 
 
+class OpenAIServer:
+    """The endpoints' shared state and checks: the pool, the batcher that generates for it, the key, the context."""
+
+    def __init__(self, pool: AdapterPool, base_name: str, api_key: str | None, max_batch: int,
+                 context_length: int | None, adapter_root: Path | None):
+        self.pool, self.base_name, self.api_key, self.adapter_root = pool, base_name, api_key, adapter_root
+        self.batcher = Batcher(pool, max_batch=max_batch)
+        self.context = context_length or getattr(pool.model.config, "max_position_embeddings", None)
+        self.allowed = {path.resolve() for path in pool.paths.values()}
+        # no token is longer than this, so a text of more than context * this characters cannot fit the context
+        self.longest_token = max((len(pool.tokenizer.decode([i])) for i in range(len(pool.tokenizer))), default=1) or 1
+
+    # checks
+    def authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # HTTP headers arrive as latin-1 text; the key's UTF-8 bytes are what a client sent
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                                     self.api_key.encode("utf-8"))
+
+    def authorize(self, request: Request) -> None:
+        if not self.authorized(request):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    def fits_context(self, text: str, param: str) -> str:
+        """Refused before it is tokenized when it cannot fit: a huge prompt would hold a worker for seconds."""
+        if self.context is not None and len(text) > self.context * self.longest_token:
+            raise APIError(400, f"this model's context is {self.context} tokens; the {param} has {len(text):,} "
+                           "characters, more than that many tokens can hold", param, "context_length_exceeded")
+        return text
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if model not in self.pool.names:
+            raise APIError(404, f"the model {model!r} does not exist; served: "
+                           f"{', '.join([self.base_name, *self.pool.names])}", "model", "model_not_found")
+        return model
+
+    def job(self, body: Generation, ids: list[int], adapter: str | None, max_tokens: int, param: str) -> Job:
+        if self.context is not None and len(ids) + max_tokens > self.context:
+            raise APIError(400, f"this model's context is {self.context} tokens; the request has {len(ids)} prompt "
+                           f"tokens and asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+                           param, "context_length_exceeded")
+        queued = Job(ids, adapter, max_tokens, body.stops(), Sampling(body.temperature, body.top_p),
+                     asyncio.get_running_loop(), asyncio.Queue())
+        self.batcher.submit(queued)
+        return queued
+
+    # endpoints
+    async def health(self, request: Request):
+        if not self.authorized(request):  # alive, and nothing about what is served
+            return {"status": "ok"}
+        return {"status": "ok", "base": self.base_name, "adapters": self.pool.names, "queued": self.batcher.queued,
+                "generate_calls": self.batcher.calls, "requests_served": self.batcher.rows}
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lora-tune"}
+                                           for name in [self.base_name, *self.pool.names]]}
+
+    async def completions(self, body: CompletionRequest):
+        adapter = self.adapter_for(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "one prompt per request (send several requests: they are batched together)",
+                           "prompt")
+        ids = await asyncio.to_thread(self.pool.prompt_ids, self.fits_context(prompts[0], "prompt"), adapter,
+                                      template=False)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        return await answer(self.job(body, ids, adapter, body.max_tokens, "prompt"), body, chat=False)
+
+    async def chat_completions(self, body: ChatRequest):
+        adapter = self.adapter_for(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        self.fits_context("".join(m["content"] for m in messages), "messages")
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise APIError(400, "messages hold no user message with content", "messages")
+        try:
+            ids = await asyncio.to_thread(self.pool.chat_ids, messages, adapter)
+        except TemplateError as exc:
+            raise APIError(400, f"{body.model}: {exc}", "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        return await answer(self.job(body, ids, adapter, max_tokens, "messages"), body, chat=True)
+
+    async def add_adapter(self, body: AdapterRequest):
+        folder = Path(body.path).expanduser().resolve()
+        root = self.adapter_root
+        if folder not in self.allowed and not (root and folder.is_relative_to(root.resolve())):
+            raise APIError(403, "adapters are added from under --adapter-root only (or the folders served at start)",
+                           "path", "path_not_allowed")
+        name = body.name or adapter_name(body.path)
+        if name == self.base_name or name in self.pool.names:
+            raise APIError(409, f"{name!r} is already served; DELETE /v1/adapters/{name} first, or pick another "
+                           "name", "name", "adapter_exists")
+        try:
+            await asyncio.to_thread(self.pool.add, name, folder)
+        except UserError as exc:
+            raise APIError(400, str(exc), "path", "adapter_not_loadable") from None
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lora-tune"}
+
+    async def remove_adapter(self, name: str):
+        if name not in self.pool.names:
+            raise APIError(404, f"no adapter {name!r} is served", "name", "model_not_found")
+        await asyncio.to_thread(self.pool.remove, name)
+        return {"id": name, "object": "model", "deleted": True}
+
+
 def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None = None, max_batch: int = 8,
                context_length: int | None = None, max_body: int = DEFAULT_MAX_BODY,
                adapter_root: Path | None = None, host: str = "127.0.0.1") -> FastAPI:
     """adapter_root: POST /v1/adapters loads only folders under it, or those the pool held at start. host: the
     address the server binds; on loopback, requests must name a loopback host (HostCheck)."""
-    batcher = Batcher(pool, max_batch=max_batch)
-    context = context_length or getattr(pool.model.config, "max_position_embeddings", None)
-    allowed = {path.resolve() for path in pool.paths.values()}
-    # no token is longer than this, so a text of more than context * this characters cannot fit the context
-    longest_token = max((len(pool.tokenizer.decode([i])) for i in range(len(pool.tokenizer))), default=1) or 1
+    server = OpenAIServer(pool, base_name, api_key, max_batch, context_length, adapter_root)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        batcher.close()
+        server.batcher.close()
 
     app = FastAPI(title="lora-tune", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body)
     if is_loopback(host):
         app.add_middleware(HostCheck)
+    answer_errors_as_openai_does(app)
+    keyed = [Depends(server.authorize)]
+    routes = [  # (method, path, endpoint, whether the key is required)
+        ("GET", "/health", server.health, False),
+        ("GET", "/v1/models", server.models, True),
+        ("POST", "/v1/completions", server.completions, True),
+        ("POST", "/v1/chat/completions", server.chat_completions, True),
+        ("POST", "/v1/adapters", server.add_adapter, True),
+        ("DELETE", "/v1/adapters/{name}", server.remove_adapter, True),
+    ]
+    for method, path, endpoint, key in routes:
+        app.add_api_route(path, endpoint, methods=[method], dependencies=keyed if key else [])
+    app.state.authorize = server.authorize  # routes added on top (`lora-tune ui`) take the same key
+    return app
 
+
+def answer_errors_as_openai_does(app: FastAPI) -> None:
+    """Every error, ours, FastAPI's validation and Starlette's unknown paths, in OpenAI's error shape."""
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        """Unknown paths and methods, in the same error shape as everything else."""
         what = "no such path" if exc.status_code == 404 else str(exc.detail)
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {what}").response()
 
@@ -172,109 +294,6 @@ def create_app(pool: AdapterPool, base_name: str = "base", api_key: str | None =
             message = f"{where}: {first['msg']}"
         return APIError(400, message, where).response()
 
-    def authorized(request: Request) -> bool:
-        if api_key is None:
-            return True
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # HTTP headers arrive as latin-1 text; the key's UTF-8 bytes are what a client sent
-        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode("latin-1", "replace"),
-                                                                     api_key.encode("utf-8"))
-
-    def authorize(request: Request) -> None:
-        if not authorized(request):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
-                           kind="authentication_error")
-
-    app.state.authorize = authorize  # routes added on top (`lora-tune ui`) take the same key
-
-    def fits_context(text: str, param: str) -> str:
-        """Refused before it is tokenized when it cannot fit: a huge prompt would hold a worker for seconds."""
-        if context is not None and len(text) > context * longest_token:
-            raise APIError(400, f"this model's context is {context} tokens; the {param} has {len(text):,} "
-                           "characters, more than that many tokens can hold", param, "context_length_exceeded")
-        return text
-
-    def adapter_for(model: str) -> str | None:
-        if model == base_name:
-            return None
-        if model not in pool.names:
-            raise APIError(404, f"the model {model!r} does not exist; served: {', '.join([base_name, *pool.names])}",
-                           "model", "model_not_found")
-        return model
-
-    def job(body: Generation, ids: list[int], adapter: str | None, max_tokens: int, param: str) -> Job:
-        if context is not None and len(ids) + max_tokens > context:
-            raise APIError(400, f"this model's context is {context} tokens; the request has {len(ids)} prompt "
-                           f"tokens and asks for {max_tokens} more: shorten the prompt or lower max_tokens",
-                           param, "context_length_exceeded")
-        queued = Job(ids, adapter, max_tokens, body.stops(), Sampling(body.temperature, body.top_p),
-                     asyncio.get_running_loop(), asyncio.Queue())
-        batcher.submit(queued)
-        return queued
-
-    @app.get("/health")
-    async def health(request: Request):
-        if not authorized(request):  # alive, and nothing about what is served
-            return {"status": "ok"}
-        return {"status": "ok", "base": base_name, "adapters": pool.names, "queued": batcher.queued,
-                "generate_calls": batcher.calls, "requests_served": batcher.rows}
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lora-tune"}
-                                           for name in [base_name, *pool.names]]}
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest):
-        adapter = adapter_for(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "one prompt per request (send several requests: they are batched together)",
-                           "prompt")
-        ids = await asyncio.to_thread(pool.prompt_ids, fits_context(prompts[0], "prompt"), adapter, template=False)
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        return await answer(job(body, ids, adapter, body.max_tokens, "prompt"), body, chat=False)
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatRequest):
-        adapter = adapter_for(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        fits_context("".join(m["content"] for m in messages), "messages")
-        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
-            raise APIError(400, "messages hold no user message with content", "messages")
-        try:
-            ids = await asyncio.to_thread(pool.chat_ids, messages, adapter)
-        except TemplateError as exc:
-            raise APIError(400, f"{body.model}: {exc}", "messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-        return await answer(job(body, ids, adapter, max_tokens, "messages"), body, chat=True)
-
-    @app.post("/v1/adapters", dependencies=[Depends(authorize)])
-    async def add_adapter(body: AdapterRequest):
-        folder = Path(body.path).expanduser().resolve()
-        if folder not in allowed and not (adapter_root and folder.is_relative_to(adapter_root.resolve())):
-            raise APIError(403, "adapters are added from under --adapter-root only (or the folders served at start)",
-                           "path", "path_not_allowed")
-        name = body.name or adapter_name(body.path)
-        if name == base_name or name in pool.names:
-            raise APIError(409, f"{name!r} is already served; DELETE /v1/adapters/{name} first, or pick another "
-                           "name", "name", "adapter_exists")
-        try:
-            await asyncio.to_thread(pool.add, name, folder)
-        except UserError as exc:
-            raise APIError(400, str(exc), "path", "adapter_not_loadable") from None
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lora-tune"}
-
-    @app.delete("/v1/adapters/{name}", dependencies=[Depends(authorize)])
-    async def remove_adapter(name: str):
-        if name not in pool.names:
-            raise APIError(404, f"no adapter {name!r} is served", "name", "model_not_found")
-        await asyncio.to_thread(pool.remove, name)
-        return {"id": name, "object": "model", "deleted": True}
-
-    return app
-
 
 async def answer(job: Job, body: Generation, chat: bool):
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -282,19 +301,15 @@ async def answer(job: Job, body: Generation, chat: bool):
     if body.stream:
         return StreamingResponse(_events(job, meta, chat), media_type="text/event-stream")
     parts = []
-    while True:
-        event = await job.events.get()
-        if event[0] == "text":
-            parts.append(event[1])
-        elif event[0] == "error":
-            raise _failure(event[1])
-        else:
-            _, reason, usage = event
-            break
+    while not isinstance(event := await job.events.get(), Done):
+        if isinstance(event, Failed):
+            raise _failure(event.error)
+        parts.append(event.text)
     text = "".join(parts)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
-              else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": event.reason} if chat
+              else {"index": 0, "text": text, "logprobs": None, "finish_reason": event.reason})
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": event.usage}
 
 
 async def _events(job: Job, meta: dict, chat: bool):
@@ -311,17 +326,13 @@ async def _events(job: Job, meta: dict, chat: bool):
     try:
         if chat:
             yield chunk("", first=True)
-        while True:
-            event = await job.events.get()
-            if event[0] == "text":
-                yield chunk(event[1])
-            elif event[0] == "error":
-                failure = _failure(event[1])
-                yield f"data: {json.dumps({'error': {'message': failure.message, 'type': failure.kind}})}\n\n"
-                break
-            else:
-                yield chunk(None, event[1])
-                break
+        while isinstance(event := await job.events.get(), Text):
+            yield chunk(event.text)
+        if isinstance(event, Failed):
+            failure = _failure(event.error)
+            yield f"data: {json.dumps({'error': {'message': failure.message, 'type': failure.kind}})}\n\n"
+        else:
+            yield chunk(None, event.reason)
         yield "data: [DONE]\n\n"
     finally:
         if job.finish_reason is None:

@@ -26,15 +26,15 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
 
 
-def resume_point(partial: RunFolder, recipe_text: str, source: str, log: Callable[[str], None]) -> Path:
+def resume_point(partial: RunFolder, recipe_text: str, log: Callable[[str], None]) -> Path:
     """The checkpoint to continue from; the unfinished run must have been started by the same recipe."""
     saved = partial.recipe_text()
     if saved is not None and saved != recipe_text:
-        raise fail(source, "--resume", f"the unfinished run in {str(partial.path)!r} was started with another recipe "
+        raise fail("--resume", f"the unfinished run in {str(partial.path)!r} was started with another recipe "
                    f"(see its recipe.yaml)", "resume with that recipe, or pass --force to start over")
     checkpoint = partial.newest_sealed_checkpoint(log)
     if checkpoint is None:
-        raise fail(source, "--resume", f"no complete checkpoint in {str(partial / RunFolder.CHECKPOINTS)!r}",
+        raise fail("--resume", f"no complete checkpoint in {str(partial / RunFolder.CHECKPOINTS)!r}",
                    "pass --force to start over")
     log(f"resume: continuing from {checkpoint.name}")
     return checkpoint
@@ -88,7 +88,7 @@ class StopOnSignal(TrainerCallback):
 
 
 @contextmanager
-def disk_full_is_a_user_error(work: RunFolder, source: str):
+def disk_full_is_a_user_error(work: RunFolder):
     """ENOSPC surfaces from torch.save, safetensors or plain writes, often wrapped in another exception type;
     whichever it is, the user gets one line, and the sealed checkpoints stay as they were."""
     try:
@@ -99,5 +99,5 @@ def disk_full_is_a_user_error(work: RunFolder, source: str):
         newest = work.newest_sealed_checkpoint(lambda message: None)
         kept = f"{newest.name} is intact" if newest else "no checkpoint was completed"
         again = "run again with --resume" if newest else "run again"
-        raise fail(source, "output", f"no space left on the device of {str(work.path)!r} while saving; {kept}",
+        raise fail("output", f"no space left on the device of {str(work.path)!r} while saving; {kept}",
                    f"free some space, then {again}") from None

@@ -12,7 +12,7 @@ from ..plan.estimate import anatomy, fit_to_memory, usable_memory
 CPU_BATCH = 2  # packed rows: measured fastest on CPU (benchmarks/train_throughput.py), larger ones thrash caches
 
 
-def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
+def resolve_fast_path(recipe: Recipe) -> tuple[Recipe, list[str]]:
     """The recipe with every 'auto' replaced by a decision, and one line per decision."""
     train, cuda = recipe.train, torch.cuda.is_available()
     notes = []
@@ -20,7 +20,7 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
         for field, value in (("model.dtype", recipe.model.dtype),
                              ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
             if value == "bfloat16":
-                raise fail(source, field, f"'bfloat16', which {torch.cuda.get_device_name()} does not compute",
+                raise fail(field, f"'bfloat16', which {torch.cuda.get_device_name()} does not compute",
                            f"set {field}: auto (float16 there) or float16")
     dtype, why = (recipe.model.dtype, "recipe") if recipe.model.dtype != "auto" else native_dtype()
     compute = dtype if recipe.quantization.compute_dtype == "auto" else recipe.quantization.compute_dtype
@@ -33,7 +33,7 @@ def resolve_fast_path(recipe: Recipe, source: str) -> tuple[Recipe, list[str]]:
     automatic = [name for name in ("batch_size", "gradient_checkpointing") if getattr(train, name) == "auto"]
     if cuda and automatic:
         available = torch.cuda.get_device_properties(0).total_memory
-        recipe = fit_to_memory(recipe, anatomy(recipe, source), usable_memory(available))
+        recipe = fit_to_memory(recipe, anatomy(recipe), usable_memory(available))
         why = f"auto: fits {usable_memory(available) / 2**30:.1f} GiB usable per lora-tune plan"
     else:  # on CPU, or nothing left to decide
         recipe = recipe.model_copy(update={"train": train.model_copy(update={

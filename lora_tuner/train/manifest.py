@@ -1,18 +1,17 @@
-"""run.json: built here, in one place, from everything the run knows at its end."""
+"""The parts of run.json: versions, the machine, the data and loss records, pins (TrainingRun assembles them)."""
 import hashlib
 import platform
 import subprocess
-import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from ..config import Recipe, dump_recipe
+from ..config import Recipe
 from ..data.prepare import PreparedData
 from ..model.dtypes import native_dtype
-from ..run_folder import BaseModelRecord, DataRecord, LossRecord, PinRecord, RunManifest, TrainRecord
+from ..run_folder import DataRecord, LossRecord, PinRecord
 from ..weights.fingerprint import fingerprint
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "lora-tune")
@@ -71,35 +70,20 @@ def pin(adapter: str | None) -> PinRecord | None:
     return PinRecord(path=str(folder), fingerprint=fingerprint(folder))
 
 
-def run_manifest(recipe: Recipe, source: str, data: PreparedData, base: tuple[str, str | None], metrics: list[dict], *,
-                 steps: int, tokens: int, train_seconds: float, session_tokens: int, fast_path: list[str],
-                 resumed_from: str | None, world_size: int, started: str) -> RunManifest:
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_record(recipe: Recipe, data: PreparedData) -> DataRecord:
+    return DataRecord(path=recipe.data.path, sha256=data.sha256, rows_read=data.rows_read, train_rows=len(data.train),
+                      eval_rows=len(data.eval), dropped_rows=sum(len(rows) for rows in data.dropped.values()),
+                      dropped=data.dropped)
+
+
+def loss_record(metrics: list[dict]) -> LossRecord:
+    """First and last training loss, and the validation loss before the first step and at the end."""
     losses = [row["loss"] for row in metrics if "loss" in row]
     evals = [(row["step"], row["eval_loss"]) for row in metrics if "eval_loss" in row]
-    return RunManifest(
-        name=recipe.output.name,
-        recipe=source,
-        recipe_sha256=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
-        command=" ".join(sys.argv),
-        versions=versions(),
-        git_commit=git_commit(),
-        seed=recipe.train.seed,
-        base_model=BaseModelRecord(name_or_path=base[0], revision=recipe.model.revision, init=recipe.model.init,
-                                   quantization=recipe.quantization, fingerprint=base[1]),
-        init_adapter=pin(recipe.init.adapter),
-        data=DataRecord(path=recipe.data.path, sha256=data.sha256, rows_read=data.rows_read,
-                        train_rows=len(data.train), eval_rows=len(data.eval),
-                        dropped_rows=sum(len(rows) for rows in data.dropped.values()), dropped=data.dropped),
-        train=TrainRecord(steps=steps, tokens=tokens, runtime_s=train_seconds,
-                          tokens_per_s=session_tokens / train_seconds if train_seconds else 0.0),
-        loss=LossRecord(first=losses[0] if losses else None, last=losses[-1] if losses else None,
-                        eval_start=evals[0][1] if evals and evals[0][0] == 0 else None,
-                        eval=evals[-1][1] if evals else None),
-        device=device(),
-        fast_path=fast_path,
-        resumed_from=resumed_from,
-        world_size=world_size,
-        global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * world_size,
-        started_at=started,
-        finished_at=now(),
-    )
+    return LossRecord(first=losses[0] if losses else None, last=losses[-1] if losses else None,
+                      eval_start=evals[0][1] if evals and evals[0][0] == 0 else None,
+                      eval=evals[-1][1] if evals else None)

@@ -10,6 +10,7 @@ from .callbacks import EvaluateAtEnd, MetricsFile
 from .checkpoints import SealCheckpoints
 from .progress import Progress
 from .preference import make_dpo_trainer, make_kto_trainer
+from .setup import TrainerSetup
 from .sft import make_sft_trainer
 
 METHODS = {"sft": make_sft_trainer, "dpo": make_dpo_trainer, "kto": make_kto_trainer}
@@ -26,6 +27,6 @@ def make_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, folder: R
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(SummaryWriter(str(folder / RunFolder.TENSORBOARD))))
-    trainer = METHODS[recipe.train.method](recipe, model, tokenizer, data, folder, callbacks, fresh)
+    trainer = METHODS[recipe.train.method](TrainerSetup(recipe, model, tokenizer, data, folder, callbacks, fresh))
     trainer.remove_callback(PrinterCallback)  # Progress prints readable lines instead of raw log dicts
     return trainer, progress

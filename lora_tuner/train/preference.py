@@ -6,13 +6,13 @@ The reference model is never a second copy of the base. TRL gives a PEFT model a
 starts from; for a fresh adapter (B = 0) that copy is the base itself, so it is deleted and the reference forward
 runs with adapters disabled (the same numbers, without the LoRA arithmetic). train.<method>.reference: base does the
 same for a run that starts from init.adapter."""
-from peft import PeftModel
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from ..config.schema import Recipe
 from ..data.prepare import PreparedData, unpaired
 from ..data.tokenize import TokenizedPair
 from ..run_folder import RunFolder
+from .setup import TrainerSetup
 from .arguments import trainer_arguments
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -58,28 +58,28 @@ class LoraTuneKTOTrainer(_Preference, KTOTrainer):
         return dataset.map(rotated, batched=True, batch_size=args.per_device_train_batch_size)
 
 
-def make_dpo_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData, folder: RunFolder,
-                     callbacks: list, fresh: bool) -> LoraTuneDPOTrainer:
+def make_dpo_trainer(setup: TrainerSetup) -> LoraTuneDPOTrainer:
+    recipe, data = setup.recipe, setup.data
     dpo = recipe.train.dpo
-    args = DPOConfig(**_shared(recipe, folder, data, fresh), beta=dpo.beta, loss_type=[dpo.loss_type],
+    args = DPOConfig(**_shared(recipe, setup.folder, data, setup.fresh), beta=dpo.beta, loss_type=[dpo.loss_type],
                      label_smoothing=dpo.label_smoothing)
-    trainer = LoraTuneDPOTrainer(model=model, args=args, train_dataset=data.dataset("train", False),
-                                 eval_dataset=data.dataset("eval", False), processing_class=tokenizer,
-                                 callbacks=callbacks)
+    trainer = LoraTuneDPOTrainer(model=setup.model, args=args, train_dataset=data.dataset("train", False),
+                                 eval_dataset=data.dataset("eval", False), processing_class=setup.tokenizer,
+                                 callbacks=setup.callbacks)
     trainer._use_reference(recipe)
     return trainer
 
 
-def make_kto_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData, folder: RunFolder,
-                     callbacks: list, fresh: bool) -> LoraTuneKTOTrainer:
+def make_kto_trainer(setup: TrainerSetup) -> LoraTuneKTOTrainer:
+    recipe, data = setup.recipe, setup.data
     kto = recipe.train.kto
-    args = KTOConfig(**_shared(recipe, folder, data, fresh), beta=kto.beta, desirable_weight=kto.desirable_weight,
-                     undesirable_weight=kto.undesirable_weight)
+    args = KTOConfig(**_shared(recipe, setup.folder, data, setup.fresh), beta=kto.beta,
+                     desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight)
     # KTO reads its rows in order (each batch's KL term pairs its rows' prompts and completions), so the order is
     # shuffled here, by the run's seed; the validation rows stay paired for eval (prepare.py) and are unpaired here.
     train = data.dataset("train", False).shuffle(seed=recipe.train.seed)
-    trainer = LoraTuneKTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=_unpaired(data),
-                                 processing_class=tokenizer, callbacks=callbacks)
+    trainer = LoraTuneKTOTrainer(model=setup.model, args=args, train_dataset=train, eval_dataset=_unpaired(data),
+                                 processing_class=setup.tokenizer, callbacks=setup.callbacks)
     trainer._use_reference(recipe)
     return trainer
 

@@ -1,6 +1,7 @@
 """`lora-tune run`: recipe -> checked data -> base model + LoRA -> trainer -> a complete run folder."""
 import json
 import signal
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,10 @@ from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..config import Recipe, dump_recipe
-from ..data.prepare import PreparedData, prepare_data
+from ..data.prepare import prepare_data
 from ..data.reading import BUILTIN, is_local
 from ..data.tokenize import training_chat_template
-from ..errors import UserError, fail
+from ..errors import UserError, about, fail
 from ..model.compile import compile_decoder_layers
 from ..model.loading import build_random_base, load_base
 from ..model.lora import attach_lora
@@ -27,11 +28,11 @@ from ..model.source import check_base_source
 from ..model.tokenizer import load_tokenizer
 from ..outputs import OutputFolder
 from ..preflight import check_environment, check_init_adapter, check_model_fit
-from ..run_folder import RunFolder, RunManifest
+from ..run_folder import BaseModelRecord, RunFolder, RunManifest, TrainRecord
 from ..weights.fingerprint import fingerprint
 from .checkpoints import Interrupted, StopOnSignal, completed, disk_full_is_a_user_error, resume_point
 from .fast_path import resolve_fast_path
-from .manifest import now, run_manifest
+from .manifest import data_record, device, git_commit, loss_record, now, pin, sha256, versions
 from .methods import make_trainer
 from .plot import plot_loss
 
@@ -63,49 +64,174 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def run(recipe: Recipe, source: str = "recipe", output: str | None = None, force: bool = False,
-        resume: bool = False, log: Callable[[str], None] = print, callbacks: list = ()) -> RunResult:
-    """Train a LoRA adapter as the recipe says; the finished run folder is returned (and printed by the CLI).
-    With resume, an unfinished run of the same recipe continues from its newest complete checkpoint.
-    callbacks: extra transformers TrainerCallbacks (e.g. to measure or stop the run).
-    Under torchrun / accelerate launch every rank calls this; only rank 0 writes the run folder."""
-    ranks = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun ranks talk over gloo
-    log = log if ranks.is_main_process else _quiet
-    check_base_source(recipe.model, source)  # read-only checks run on every rank, so all ranks stop on bad input
-    check_environment(recipe, source)
-    check_init_adapter(recipe, source)
-    folder = OutputFolder(Path(output) if output else Path(recipe.output.root) / recipe.output.name, "output", "run",
-                          run_inputs(recipe), source,
-                          resumable=lambda partial: RunFolder(partial).newest_sealed_checkpoint(_quiet) is not None)
-    folder.check_free(force, resume)
-    recipe, fast_path = resolve_fast_path(recipe, source)
-    work = RunFolder(folder.partial)
-    checkpoint = resume_point(work, dump_recipe(recipe), source, log) if resume else None
-    tokenizer = load_tokenizer(recipe.model, source)
-    check_model_fit(recipe, source, tokenizer)
-    data = prepare_data(recipe, tokenizer, source)
-    if data.dropped:
-        log(f"data: dropped {data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
-    try:  # from the first byte written: a stop or a refusal at any point leaves nothing behind
-        with ranks.main_process_first():
-            if ranks.is_main_process and not resume:
-                folder.start()
-                work.write_recipe(recipe)
-                work.write_validation(data.eval or data.train, held_out=bool(data.eval))
-        with work.training() if ranks.is_main_process else nullcontext():
-            model, manifest = _train(recipe, source, tokenizer, data, work, folder.final, fast_path, checkpoint, ranks,
-                                     list(callbacks))
-    except (UserError, KeyboardInterrupt) as stopped:
-        newest = work.newest_sealed_checkpoint(_quiet) if work.path.exists() else None
-        if ranks.is_main_process and not resume and newest is None:
-            folder.discard()  # refused or stopped before the first checkpoint: leave nothing behind
+def run(recipe: Recipe, output: str | None = None, force: bool = False, resume: bool = False,
+        log: Callable[[str], None] = print, callbacks: list = ()) -> RunResult:
+    """Train a LoRA adapter as the recipe says, into a complete run folder. Under torchrun / accelerate launch every
+    rank calls this; only rank 0 writes the run folder.
+
+    Args:
+        recipe: the recipe (load_recipe); its file is what error lines name.
+        output: the run folder (default: <output.root>/<output.name>).
+        force: replace an existing run folder of that name.
+        resume: continue an unfinished run of the same recipe from its newest sealed checkpoint.
+        log: where progress lines go.
+        callbacks: extra transformers TrainerCallbacks (e.g. to measure or stop the run).
+
+    Example:
+        result = run(load_recipe("demo-tiny-cpu"), output="adapters/my-run")
+        print(result.summary())
+    """
+    with about(recipe.file):
+        return TrainingRun(recipe, output, force, resume, log, list(callbacks)).execute()
+
+
+class TrainingRun:
+    """One `lora-tune run` in named phases: prepare (every check, the data tokenized: nothing written yet), start (the
+    unfinished run folder), load (base + LoRA), train, save. What the phases share lives here."""
+
+    def __init__(self, recipe: Recipe, output: str | None, force: bool, resume: bool, log: Callable[[str], None],
+                 callbacks: list):
+        self.ranks = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun ranks talk over gloo
+        self.main = self.ranks.is_main_process
+        self.recipe, self.force, self.resume, self.callbacks = recipe, force, resume, callbacks
+        self.log = log if self.main else _quiet
+        self.output = Path(output) if output else Path(recipe.output.root) / recipe.output.name
+        self.started = now()
+
+    def execute(self) -> RunResult:
+        self.prepare()
+        try:  # from the first byte written: a stop or a refusal at any point leaves nothing behind
+            with self.ranks.main_process_first():
+                if self.main and not self.resume:
+                    self.start()
+            with self.work.training() if self.main else nullcontext():
+                model = self.load()
+                trainer, progress = self.train(model)
+                model, manifest = self.save(trainer, progress)
+        except (UserError, KeyboardInterrupt) as stopped:
+            self._clean_up(stopped)
+            raise
+        if self.main:
+            self.folder.finish()
+        self.ranks.wait_for_everyone()
+        return RunResult(self.folder.final, manifest, model)
+
+    def prepare(self) -> None:
+        """Everything that can refuse the run, before anything is written; read-only, so every rank runs it and all
+        stop on bad input."""
+        recipe = self.recipe
+        check_base_source(recipe.model)
+        check_environment(recipe)
+        check_init_adapter(recipe)
+        self.folder = OutputFolder(self.output, "output", "run", run_inputs(recipe), resumable=lambda partial: RunFolder(
+            partial).newest_sealed_checkpoint(_quiet) is not None)
+        self.folder.check_free(self.force, self.resume)
+        self.recipe, self.fast_path = resolve_fast_path(recipe)
+        self.work = RunFolder(self.folder.partial)
+        self.checkpoint = resume_point(self.work, dump_recipe(self.recipe), self.log) if self.resume else None
+        self.tokenizer = load_tokenizer(self.recipe.model)
+        check_model_fit(self.recipe, self.tokenizer)
+        self.data = prepare_data(self.recipe, self.tokenizer)
+        if self.data.dropped:
+            self.log(f"data: dropped {self.data.dropped_summary()} (set data.bad_rows: fail to stop instead)")
+
+    def start(self) -> None:
+        self.folder.start()
+        self.work.write_recipe(self.recipe)
+        self.work.write_validation(self.data.eval or self.data.train, held_out=bool(self.data.eval))
+
+    def load(self) -> PeftModel:
+        """The base (the recipe's, or a random one built into the run folder) with LoRA attached."""
+        recipe, ranks = self.recipe, self.ranks
+        sharded = ranks.num_processes > 1 and recipe.distributed.strategy in ("fsdp", "deepspeed-zero3")
+        if recipe.model.init == "random":
+            built = self.work / RunFolder.BASE_MODEL  # already there when resuming; rebuilt identically otherwise
+            with ranks.main_process_first():
+                if self.main and not (built / "config.json").is_file():
+                    build_random_base(recipe.model, recipe.train.seed, built)
+            base = load_base(recipe.model, recipe.quantization, str(built), sharded)
+            self.base_path = str(self.folder.final / RunFolder.BASE_MODEL)  # where it lives once the run is in place
+            self.pinned = fingerprint(built) if self.main else None
+        else:
+            self.base_path, self.pinned = pin_base(recipe.model.name_or_path)
+            base = load_base(recipe.model, recipe.quantization, self.base_path, sharded)
+        self.fast_path = self.fast_path + [attention_note(recipe, base)]
+        if recipe.data.packing and not packing_is_isolated(base, len(self.tokenizer)):
+            raise fail("data.packing", f"{type(base).__name__} with attn_implementation "
+                       f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
+                       "set data.packing: false, or try another model.attn_implementation")
+        model = attach_lora(base, recipe, self.base_path)
+        if recipe.train.compile:
+            compile_decoder_layers(model.get_base_model())
+        return model
+
+    def train(self, model: PeftModel):
+        """(trainer, its Progress callback) after training, or after finishing from a checkpoint that holds the last
+        step (a run stopped while saving its adapter: train() would take one step more)."""
+        checkpoint = self.checkpoint
+        trainer, progress = make_trainer(self.recipe, model, self.tokenizer, self.data, self.work, self.ranks,
+                                         fresh=checkpoint is None)
+        for callback in self.callbacks:
+            trainer.add_callback(callback)
+        if checkpoint and self.main:
+            self.work.forget_metrics_after(int(checkpoint.name.removeprefix("checkpoint-")))
+        if checkpoint and completed(checkpoint):
+            trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+            set_peft_model_state_dict(model, load_file(str(checkpoint / RunFolder.ADAPTER_WEIGHTS)))
+            return trainer, progress
+        with StopOnSignal() as stop, disk_full_is_a_user_error(self.work), \
+                fused_lora_layers(model) if self.recipe.train.fused_lora else nullcontext():
+            trainer.add_callback(stop)
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.received is not None:
+            raise Interrupted(stop.received, trainer.state.global_step)
+        return trainer, progress
+
+    def save(self, trainer, progress) -> tuple[PeftModel, RunManifest | None]:
+        """The adapter, tokenizer, plot and run.json into the run folder (rank 0); the plain trained model back."""
+        # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        if not self.main:
+            return model, None  # rank 0 writes the run folder and its manifest
+        manifest = self.manifest(trainer, progress)
+        work, recipe = self.work, self.recipe
+        with disk_full_is_a_user_error(work):
+            # save_pretrained, not trainer.save_model: that also pickles training_args.bin into the folder. Only the
+            # trained adapter: a preference run also holds its frozen reference copy (train/preference.py).
+            model.save_pretrained(work.path, selected_adapters=[model.active_adapter])
+            _point_adapter_at(work, self.base_path)
+            self.tokenizer.chat_template = training_chat_template(recipe.data, self.tokenizer)
+            self.tokenizer.save_pretrained(work.path)
+            plot_loss(work.metrics(), work / RunFolder.PLOT, title=recipe.output.name)
+            work.write_manifest(manifest)
+        return model, manifest
+
+    def manifest(self, trainer, progress) -> RunManifest:
+        recipe, state = self.recipe, trainer.state
+        metrics = self.work.metrics()
+        return RunManifest(
+            name=recipe.output.name, recipe=recipe.file, recipe_sha256=sha256(dump_recipe(recipe)),
+            command=" ".join(sys.argv), versions=versions(), git_commit=git_commit(), seed=recipe.train.seed,
+            base_model=BaseModelRecord(name_or_path=self.base_path, revision=recipe.model.revision,
+                                       init=recipe.model.init, quantization=recipe.quantization,
+                                       fingerprint=self.pinned),
+            init_adapter=pin(recipe.init.adapter), data=data_record(recipe, self.data),
+            train=TrainRecord(steps=state.global_step, tokens=int(state.num_input_tokens_seen),
+                              runtime_s=progress.train_seconds, tokens_per_s=progress.session_tokens /
+                              progress.train_seconds if progress.train_seconds else 0.0),
+            loss=loss_record(metrics), device=device(), fast_path=self.fast_path + trainer.fast_path_notes(),
+            resumed_from=self.checkpoint.name if self.checkpoint else None, world_size=self.ranks.num_processes,
+            global_batch=recipe.train.batch_size * recipe.train.gradient_accumulation * self.ranks.num_processes,
+            started_at=self.started, finished_at=now())
+
+    def _clean_up(self, stopped: BaseException) -> None:
+        """Refused or stopped before the first checkpoint: leave nothing behind. Stopped later: the newest sealed
+        checkpoint stays, to resume from."""
+        newest = self.work.newest_sealed_checkpoint(_quiet) if self.work.path.exists() else None
+        if self.main and not self.resume and newest is None:
+            self.folder.discard()
         if isinstance(stopped, KeyboardInterrupt) and newest is not None:
             raise Interrupted(signal.SIGINT, int(newest.name.removeprefix("checkpoint-")), saved=False) from None
-        raise
-    if ranks.is_main_process:
-        folder.finish()
-    ranks.wait_for_everyone()
-    return RunResult(folder.final, manifest, model)
 
 
 def run_inputs(recipe: Recipe) -> dict[str, str | None]:
@@ -117,66 +243,16 @@ def run_inputs(recipe: Recipe) -> dict[str, str | None]:
             **{name: path for name, path in local.items() if path and path != "bytes" and is_local(path)}}
 
 
-def _quiet(message: str) -> None:
-    """Ranks other than 0 say nothing; rank 0 speaks for the run."""
-
-
-def _train(recipe: Recipe, source: str, tokenizer, data: PreparedData, work: RunFolder, final: Path,
-           fast_path: list[str], checkpoint: Path | None, ranks: PartialState, callbacks: list):
-    started = now()
-    sharded = ranks.num_processes > 1 and recipe.distributed.strategy in ("fsdp", "deepspeed-zero3")
-    if recipe.model.init == "random":
-        built = work / RunFolder.BASE_MODEL  # already there when resuming; rebuilt identically otherwise
-        with ranks.main_process_first():
-            if ranks.is_main_process and not (built / "config.json").is_file():
-                build_random_base(recipe.model, recipe.train.seed, built, source)
-        base = load_base(recipe.model, recipe.quantization, str(built), source, sharded)
-        base_path = str(final / RunFolder.BASE_MODEL)  # where it lives once the run folder is in place
-        pinned = fingerprint(built) if ranks.is_main_process else None
-    else:
-        base_path, pinned = pin_base(recipe.model.name_or_path)
-        base = load_base(recipe.model, recipe.quantization, base_path, source, sharded)
+def attention_note(recipe: Recipe, base) -> str:
     attention = base.config._attn_implementation
     why = "recipe" if recipe.model.attn_implementation != "auto" else \
         "auto: each packed example attends over its own span only" if attention == "packed_sdpa" else \
         "auto: transformers' choice for this architecture"
-    fast_path = fast_path + [f"attention {attention} ({why})"]
-    if recipe.data.packing and not packing_is_isolated(base, len(tokenizer)):
-        raise fail(source, "data.packing", f"{type(base).__name__} with attn_implementation "
-                   f"{recipe.model.attn_implementation!r} lets packed examples attend to each other",
-                   "set data.packing: false, or try another model.attn_implementation")
-    model = attach_lora(base, recipe, base_path)
-    if recipe.train.compile:
-        compile_decoder_layers(model.get_base_model())
-    trainer, progress = make_trainer(recipe, model, tokenizer, data, work, ranks, fresh=checkpoint is None)
-    for callback in callbacks:
-        trainer.add_callback(callback)
-    if checkpoint and ranks.is_main_process:
-        work.forget_metrics_after(int(checkpoint.name.removeprefix("checkpoint-")))
-    if checkpoint and completed(checkpoint):
-        # Stopped after its last step was sealed (while saving the adapter): the run is done, so it is finished
-        # from that checkpoint; train() would take one step more.
-        trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-        set_peft_model_state_dict(model, load_file(str(checkpoint / RunFolder.ADAPTER_WEIGHTS)))
-    else:
-        with StopOnSignal() as stop, disk_full_is_a_user_error(work, source), \
-                fused_lora_layers(model) if recipe.train.fused_lora else nullcontext():
-            trainer.add_callback(stop)
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if stop.received is not None:
-            raise Interrupted(stop.received, trainer.state.global_step)
-    # accelerate wraps forward in mixed-precision autocast for training; hand back the plain model.
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    if not ranks.is_main_process:
-        return model, None  # rank 0 writes the run folder and its manifest
-    manifest = run_manifest(
-        recipe, source, data, (base_path, pinned), work.metrics(), steps=trainer.state.global_step,
-        tokens=int(trainer.state.num_input_tokens_seen), train_seconds=progress.train_seconds,
-        session_tokens=progress.session_tokens, fast_path=fast_path + trainer.fast_path_notes(),
-        resumed_from=checkpoint.name if checkpoint else None, world_size=ranks.num_processes, started=started)
-    with disk_full_is_a_user_error(work, source):
-        _save(model, tokenizer, recipe, work, base_path, manifest)
-    return model, manifest
+    return f"attention {attention} ({why})"
+
+
+def _quiet(message: str) -> None:
+    """Ranks other than 0 say nothing; rank 0 speaks for the run."""
 
 
 def pin_base(name: str) -> tuple[str, str | None]:
@@ -184,18 +260,6 @@ def pin_base(name: str) -> tuple[str, str | None]:
     and eval find exactly it from any directory; a hub id as it is."""
     folder = Path(name).expanduser()
     return (str(folder.resolve()), fingerprint(folder)) if folder.is_dir() else (name, None)
-
-
-def _save(model: PeftModel, tokenizer, recipe: Recipe, work: RunFolder, base_path: str,
-          manifest: RunManifest) -> None:
-    # save_pretrained, not trainer.save_model: the latter also pickles training_args.bin into the folder. Only the
-    # trained adapter: a preference run also holds its frozen reference copy (train/preference.py).
-    model.save_pretrained(work.path, selected_adapters=[model.active_adapter])
-    _point_adapter_at(work, base_path)
-    tokenizer.chat_template = training_chat_template(recipe.data, tokenizer)
-    tokenizer.save_pretrained(work.path)
-    plot_loss(work.metrics(), work / RunFolder.PLOT, title=recipe.output.name)
-    work.write_manifest(manifest)
 
 
 def _point_adapter_at(folder: RunFolder, base_path: str) -> None:

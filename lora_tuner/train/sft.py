@@ -4,11 +4,10 @@ import torch
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from ..config.schema import Recipe
-from ..data.prepare import PreparedData
 from ..run_folder import RunFolder
 from .arguments import trainer_arguments
-from .response_loss import ChunkedCrossEntropy, captured_output
+from .setup import TrainerSetup
+from ..model.response_loss import ChunkedCrossEntropy, captured_output
 
 CHECK_TOLERANCE = 1e-3  # relative; the same arithmetic differs by ~1e-5 in fp32 and ~1e-4 in bf16
 CHECK_TOKENS = 256
@@ -106,12 +105,13 @@ def _first_tokens(batch: dict, count: int) -> dict:
     return cut if (cut["labels"][:, 1:] != -100).any() else batch
 
 
-def make_sft_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: PreparedData, folder: RunFolder,
-                     callbacks: list, fresh: bool) -> LoraTuneSFTTrainer:
+def make_sft_trainer(setup: TrainerSetup) -> LoraTuneSFTTrainer:
+    recipe, data = setup.recipe, setup.data
     return LoraTuneSFTTrainer(
-        model=model,
+        model=setup.model,
         args=SFTConfig(
-            **trainer_arguments(recipe, folder / RunFolder.CHECKPOINTS, has_eval=bool(data.eval), eval_first=fresh),
+            **trainer_arguments(recipe, setup.folder / RunFolder.CHECKPOINTS, has_eval=bool(data.eval),
+                                eval_first=setup.fresh),
             max_length=recipe.data.max_length,
             packing=recipe.data.packing,
             packing_strategy="bfd",  # whole examples, never split; padding-free rows with restarting position ids
@@ -119,7 +119,7 @@ def make_sft_trainer(recipe: Recipe, model: PeftModel, tokenizer, data: Prepared
         ),
         train_dataset=data.dataset("train", recipe.data.train_on_inputs),
         eval_dataset=data.dataset("eval", recipe.data.train_on_inputs),
-        processing_class=tokenizer,
-        callbacks=callbacks,
+        processing_class=setup.tokenizer,
+        callbacks=setup.callbacks,
         response_loss=recipe.train.response_loss,
     )

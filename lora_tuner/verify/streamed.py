@@ -54,6 +54,6 @@ def streamed_model(config, weights: Mapping, source: str = "model") -> torch.nn.
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing = sorted(name for name, _ in model.named_parameters() if name not in weights)
     if missing:
-        raise fail(source, "weights", f"{len(missing)} of the model's weights are missing (first: {missing[0]!r})",
+        raise fail("weights", f"{len(missing)} of the model's weights are missing (first: {missing[0]!r})",
                    "use a complete model (every weight its config.json asks for)")
     return cpu_offload(model.eval(), torch.device("cpu"), state_dict=weights)

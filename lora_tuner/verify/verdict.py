@@ -84,9 +84,10 @@ def verification_rows(run: RunFolder, tokenizer_folder: Path, config, rows: int 
     max_length = run.recipe().data.max_length if run.is_run else MAX_LENGTH
     tokenized = tokenized_rows(tokenizer, examples[:rows], min(max_length, MAX_LENGTH))
     if not scored_tokens(tokenized):
-        raise fail(str(tokenizer_folder), "verification", f"the {len(examples[:rows])} verification rows give no "
+        raise fail("verification", f"the {len(examples[:rows])} verification rows give no "
                    "response tokens to score (the tokenizer encodes them to nothing, or every row is longer than "
-                   f"{min(max_length, MAX_LENGTH)} tokens)", "check the tokenizer files, or pass --no-verify")
+                   f"{min(max_length, MAX_LENGTH)} tokens)", "check the tokenizer files, or pass --no-verify",
+                   source=str(tokenizer_folder))
     texts = [e["prompt"] + e["completion"] for e in examples[:rows] if isinstance(e["prompt"], str)]
     pad = tokenizer.pad_token_id or 0
     if packs_apart(config):
@@ -148,8 +149,8 @@ def verify_gguf(gguf_file: Path, gguf: Source, merged: Source, merged_folder: Pa
         try:
             model = llama_cpp.load(gguf_file, vocab_only=not small, context=_context(rows))
         except llama_cpp.Refused as refused:
-            raise fail(str(gguf_file), "verification", f"llama.cpp {version} refuses the file: {refused}",
-                       "report this with the file's export_report.json") from None
+            raise fail("verification", f"llama.cpp {version} refuses the file: {refused}",
+                       "report this with the file's export_report.json", source=str(gguf_file)) from None
         round_trip = _tokenizes_alike(ours, model, rows)
         if small:
             judge, found = f"llama.cpp (llama-cpp-python {version})", llama_cpp.response_logits(model, rows.batches)
@@ -173,14 +174,15 @@ def verify_gguf_adapter(adapter_gguf: Path, base_gguf: Path, base_type: str, ref
 
     version = llama_cpp.version()
     if version is None:
-        raise fail(str(adapter_gguf), "verification", "only llama.cpp reads LoRA GGUFs, and llama-cpp-python is not "
-                   "installed", "pip install llama-cpp-python, or pass --no-verify")
+        raise fail("verification", "only llama.cpp reads LoRA GGUFs, and llama-cpp-python is not "
+                   "installed", "pip install llama-cpp-python, or pass --no-verify", source=str(adapter_gguf))
     want = reference_logits(reference.model(), rows.batches, desc="scoring base + adapter")
     try:
         model = llama_cpp.load(base_gguf, context=_context(rows), lora=adapter_gguf)
     except llama_cpp.Refused as refused:
-        raise fail(str(adapter_gguf), "verification", f"llama.cpp {version} refuses it over {str(base_gguf)!r}: "
-                   f"{refused}", "pass the GGUF of the base this adapter was trained on as --base-gguf") from None
+        raise fail("verification", f"llama.cpp {version} refuses it over {str(base_gguf)!r}: "
+                   f"{refused}", "pass the GGUF of the base this adapter was trained on as --base-gguf",
+                   source=str(adapter_gguf)) from None
     round_trip = _tokenizes_alike(AutoTokenizer.from_pretrained(tokenizer_folder), model, rows)
     found = llama_cpp.response_logits(model, rows.batches)
     llama_cpp.close(model)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import fail, show
+from ..errors import about, fail, show
 from .safetensors import open_safetensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -26,19 +26,19 @@ def has_adapter(folder: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def read_config(folder: Path, source: str) -> dict:
-    """adapter_config.json as a dict, or one line saying why it cannot be read."""
-    path = folder / CONFIG
+def read_config(folder: Path) -> dict:
+    """adapter_config.json as a dict, or one line naming the folder and saying why it cannot be read."""
+    path, source = folder / CONFIG, str(folder)
     if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-        raise fail(source, CONFIG, "is a link to a file outside the adapter folder", "replace the link with the "
-                   "adapter's own file")
+        raise fail(CONFIG, "is a link to a file outside the adapter folder", "replace the link with the "
+                   "adapter's own file", source=source)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise fail(source, CONFIG, f"is not valid JSON ({str(exc).splitlines()[0][:80]})",
-                   "re-save the adapter with save_pretrained") from None
+        raise fail(CONFIG, f"is not valid JSON ({str(exc).splitlines()[0][:80]})",
+                   "re-save the adapter with save_pretrained", source=source) from None
     if not isinstance(config, dict) or not isinstance(config.get("lora_alpha", 0), (int, float)):
-        raise fail(source, CONFIG, "is not a PEFT adapter config", "re-save the adapter with save_pretrained")
+        raise fail(CONFIG, "is not a PEFT adapter config", "re-save the adapter with save_pretrained", source=source)
     return config
 
 
@@ -54,52 +54,51 @@ class LoraAdapter:
     """An accepted adapter: its config and its pairs by base weight name ('model.layers.0.self_attn.q_proj.weight').
 
     Args:
-        folder: the adapter folder (a run folder or a PEFT adapter folder).
-        source: the file or folder named in error lines.
+        folder: the adapter folder (a run folder or a PEFT adapter folder), named in error lines.
     """
 
-    def __init__(self, folder: Path, source: str):
-        self.folder, self.source = Path(folder), source
+    def __init__(self, folder: Path):
+        self.folder, self.source = Path(folder), str(folder)
         if not has_adapter(self.folder):
             pickled = " (a pickled adapter_model.bin is never read)" if (self.folder / "adapter_model.bin").exists() \
                 else ""
-            raise fail(source, "adapter", f"{str(folder)!r} has no adapter_config.json + adapter_model.safetensors"
-                       f"{pickled}", "point at a run folder or a PEFT adapter saved as safetensors")
-        self.config = read_config(self.folder, source)
+            raise fail("adapter", f"{str(folder)!r} has no adapter_config.json + adapter_model.safetensors"
+                       f"{pickled}", "point at a run folder or a PEFT adapter saved as safetensors", source=self.source)
+        self.config = read_config(self.folder)
         self._check_config()
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        with open_safetensors(self.folder / WEIGHTS, source, "adapter") as tensors:
+        with about(self.source), open_safetensors(self.folder / WEIGHTS, "adapter") as tensors:
             found = {key: tensors.get_tensor(key) for key in tensors.keys()}
         self.pairs = self._pairs(found)
 
     def _check_config(self) -> None:
         config = self.config
         if config.get("peft_type") != "LORA":
-            raise fail(self.source, CONFIG, f"peft_type {show(config.get('peft_type'))} is not LoRA",
-                       "only LoRA adapters are merged, exported and served")
+            raise fail(CONFIG, f"peft_type {show(config.get('peft_type'))} is not LoRA",
+                       "only LoRA adapters are merged, exported and served", source=self.source)
         rank = config.get("r")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise fail(self.source, CONFIG, f"r is {show(rank)}, not a positive whole number", "re-save the adapter")
+            raise fail(CONFIG, f"r is {show(rank)}, not a positive whole number", "re-save the adapter", source=self.source)
         if not isinstance(config.get("lora_alpha"), (int, float)) or isinstance(config["lora_alpha"], bool):
-            raise fail(self.source, CONFIG, f"lora_alpha is {show(config.get('lora_alpha'))}, not a number",
-                       "re-save the adapter")
+            raise fail(CONFIG, f"lora_alpha is {show(config.get('lora_alpha'))}, not a number",
+                       "re-save the adapter", source=self.source)
         for feature, what in UNSUPPORTED.items():
             if config.get(feature):
-                raise fail(self.source, CONFIG, f"{feature} is set: the adapter holds {what}, beyond W + B @ A",
-                           "use it unmerged with peft, or train without it")
+                raise fail(CONFIG, f"{feature} is set: the adapter holds {what}, beyond W + B @ A",
+                           "use it unmerged with peft, or train without it", source=self.source)
 
     def _pairs(self, tensors: dict[str, torch.Tensor]) -> dict[str, Pair]:
         if not any(".lora_A." in key for key in tensors):
-            raise fail(self.source, "adapter", "adapter_model.safetensors holds no LoRA weights (lora_A/lora_B)",
-                       "re-save the adapter with peft's save_pretrained")
+            raise fail("adapter", "adapter_model.safetensors holds no LoRA weights (lora_A/lora_B)",
+                       "re-save the adapter with peft's save_pretrained", source=self.source)
         for key, tensor in tensors.items():
             if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise fail(self.source, "adapter", f"{key!r} is not a LoRA weight (lora_A/lora_B): embeddings, "
+                raise fail("adapter", f"{key!r} is not a LoRA weight (lora_A/lora_B): embeddings, "
                            "magnitudes and full modules are not applied here", "use it with peft directly, or train "
-                           "LoRA on linear layers only")
+                           "LoRA on linear layers only", source=self.source)
             if not torch.isfinite(tensor).all():
-                raise fail(self.source, "adapter", f"{key!r} holds NaN or infinite values", "retrain or re-save the "
-                           "adapter")
+                raise fail("adapter", f"{key!r} holds NaN or infinite values", "retrain or re-save the "
+                           "adapter", source=self.source)
         return {self._weight_name(key): self._pair(key, tensors) for key in tensors if key.endswith(".lora_A.weight")}
 
     @staticmethod
@@ -109,15 +108,15 @@ class LoraAdapter:
     def _pair(self, key: str, tensors: dict[str, torch.Tensor]) -> Pair:
         stem = key.removesuffix(".lora_A.weight")
         if f"{stem}.lora_B.weight" not in tensors:
-            raise fail(self.source, "adapter", f"{stem}.lora_A has no lora_B beside it", "re-save the adapter")
+            raise fail("adapter", f"{stem}.lora_A has no lora_B beside it", "re-save the adapter", source=self.source)
         a, b = tensors[key].float(), tensors[f"{stem}.lora_B.weight"].float()
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise fail(self.source, "adapter", f"{stem}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not one "
-                       "low-rank pair", "re-save the adapter")
+            raise fail("adapter", f"{stem}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not one "
+                       "low-rank pair", "re-save the adapter", source=self.source)
         rank, alpha = self._rank_and_alpha(stem.removeprefix(PEFT_PREFIX))
         if a.shape[0] != rank:
-            raise fail(self.source, CONFIG, f"r is {rank} but {stem} has rank {a.shape[0]}",
-                       "re-save the adapter so its config matches its weights")
+            raise fail(CONFIG, f"r is {rank} but {stem} has rank {a.shape[0]}",
+                       "re-save the adapter so its config matches its weights", source=self.source)
         return Pair(a, b, alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank))
 
     def _rank_and_alpha(self, module: str) -> tuple[int, float]:
@@ -149,9 +148,9 @@ class LoraAdapter:
         a base's safetensors headers, its loaded modules or its GGUF tensors alike."""
         for name in sorted(self.pairs):
             if name not in shapes:
-                raise fail(self.source, field, f"targets {name!r}, which base {base!r} does not have",
-                           "this adapter belongs to another model; use the base it was trained on")
+                raise fail(field, f"targets {name!r}, which base {base!r} does not have",
+                           "this adapter belongs to another model; use the base it was trained on", source=self.source)
             if list(shapes[name]) != self.delta_shape(name):
-                raise fail(self.source, field, f"{name!r} is {self.delta_shape(name)} in the adapter but "
+                raise fail(field, f"{name!r} is {self.delta_shape(name)} in the adapter but "
                            f"{list(shapes[name])} in base {base!r}", "this adapter belongs to a base of another size; "
-                           "use the base it was trained on")
+                           "use the base it was trained on", source=self.source)

@@ -1,6 +1,7 @@
 """Reading GGUF files: a file's tensors as a streamed model's weights, each tensor's shape, and the file's type. Each
-tensor is read from the file, dequantized and renamed when a module needs it. The names and the rotary un-permutation come from transformers' GGUF loader, not from our writer, so
-the read-back is independent of the code that wrote the file (a writer bug the reader mirrored would pass unseen)."""
+tensor is read from the file, dequantized and renamed when a module needs it. The names and the rotary un-permutation
+come from transformers' GGUF loader, not from our writer, so the read-back is independent of the code that wrote the
+file (a writer bug the reader mirrored would pass unseen)."""
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def gguf_shapes(file: Path) -> dict[str, list[int]]:
     return {tensor.name: [int(n) for n in reversed(tensor.shape)] for tensor in gguf.GGUFReader(file).tensors}
 
 
-def model_file_type(file: Path, source: str, field: str) -> str | None:
+def model_file_type(file: Path, field: str) -> str | None:
     """A model GGUF's type as `lora-tune export --type` names it (f16, bf16, q8_0, q6_k, ...), None for other types
     (an Ollama Q3_K_S, say); refused in one line when it is not a GGUF model llama.cpp's "llama" architecture reads."""
     import gguf
@@ -55,13 +56,13 @@ def model_file_type(file: Path, source: str, field: str) -> str | None:
     try:
         fields = gguf.GGUFReader(file).fields
     except (ValueError, OSError) as exc:
-        raise fail(source, field, f"{str(file)!r} is not a GGUF file ({str(exc)[:80]})",
+        raise fail(field, f"{str(file)!r} is not a GGUF file ({str(exc)[:80]})",
                    "pass a .gguf model file, e.g. one written by lora-tune export") from None
     text = {key: bytes(fields[key].parts[-1]).decode() for key in ("general.architecture", "general.type")
             if key in fields}
     architecture = text.get("general.architecture")
     if architecture != "llama" or text.get("general.type", "model") != "model":
-        raise fail(source, field, f"{str(file)!r} is not a llama-architecture GGUF model (architecture "
+        raise fail(field, f"{str(file)!r} is not a llama-architecture GGUF model (architecture "
                    f"{architecture!r})", "pass the GGUF of the adapter's base model")
     if "general.file_type" not in fields:
         return None

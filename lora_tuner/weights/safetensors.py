@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import fail
 
+
 def read_header(path: Path) -> tuple[int, dict]:
     """(where the data starts in the file, {name: {"dtype", "shape", "data_offsets"}}) without reading any data."""
     with open(path, "rb") as file:
@@ -22,11 +23,11 @@ def read_header(path: Path) -> tuple[int, dict]:
 
 
 @contextmanager
-def open_safetensors(path: Path, source: str, field: str):
+def open_safetensors(path: Path, field: str):
     try:
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
-        raise fail(source, field, f"{str(path)!r} is truncated or not a safetensors file ({str(exc)[:80]})",
+        raise fail(field, f"{str(path)!r} is truncated or not a safetensors file ({str(exc)[:80]})",
                    "re-download or re-save it") from None
     with handle:
         yield handle

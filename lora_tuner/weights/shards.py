@@ -20,7 +20,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return next(dtype for dtype, code in DTYPE_NAMES.items() if code == name)
 
 
-def base_shards(folder: Path, source: str, field: str = "--base") -> list[Path]:
+def base_shards(folder: Path, field: str = "--base") -> list[Path]:
     """The base's safetensors files in index order (or the single model.safetensors)."""
     index = folder / INDEX
     if index.is_file():
@@ -29,7 +29,7 @@ def base_shards(folder: Path, source: str, field: str = "--base") -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    raise fail(source, field, f"{str(folder)!r} holds no model.safetensors or {INDEX} (pickled weights are never read)",
+    raise fail(field, f"{str(folder)!r} holds no model.safetensors or {INDEX} (pickled weights are never read)",
                "point --base at a folder saved with save_pretrained (safetensors)")
 
 
@@ -56,16 +56,16 @@ class Entry:
         return math.prod(self.shape[1:])
 
 
-def plan_entries(shards: list[Path], out_dtype: torch.dtype, source: str) -> list[Entry]:
+def plan_entries(shards: list[Path], out_dtype: torch.dtype) -> list[Entry]:
     """Every base tensor, in file order, with the shape and dtype it will be written with (headers only)."""
     entries = []
     for shard in shards:
-        with open_safetensors(shard, source, "--base"):
+        with open_safetensors(shard, "--base"):
             pass  # safetensors checks the header against the file size: a truncated file is named here
         data_start, header = read_header(shard)
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if info["dtype"] not in DTYPE_NAMES.values():
-                raise fail(source, "--base", f"{name!r} in {str(shard)!r} is {info['dtype']}, which merge does not read",
+                raise fail("--base", f"{name!r} in {str(shard)!r} is {info['dtype']}, which merge does not read",
                            f"convert the base to one of {', '.join(DTYPE_NAMES.values())} first")
             dtype = torch_dtype(info["dtype"])
             entries.append(Entry(shard, data_start + info["data_offsets"][0], name, info["shape"], dtype,

@@ -1,5 +1,6 @@
 """What every exporter writes: a model's tensors with an adapter folded in, read a few rows at a time from mapped
-files, never whole. The safetensors writer (streaming.py) and the GGUF writer (gguf_writer.py) both consume it."""
+files, never whole. The safetensors writer (safetensors/streaming.py) and the GGUF writer (gguf/writer.py) both
+consume it."""
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,9 +23,9 @@ class MergedWeights:
     round_tripped: set[str] = field(default_factory=set)
 
     @classmethod
-    def of(cls, folder: Path, out_dtype: torch.dtype, source: str, deltas: LoraDeltas | None = None,
+    def of(cls, folder: Path, out_dtype: torch.dtype, deltas: LoraDeltas | None = None,
            quantization: QuantizationSection | None = None, load_dtype: torch.dtype | None = None) -> "MergedWeights":
-        entries = plan_entries(base_shards(folder, source), out_dtype, source)
+        entries = plan_entries(base_shards(folder), out_dtype)
         names = set()
         if quantization:
             from .as_trained import quantized_weight_names
@@ -74,12 +75,12 @@ class MergedWeights:
         return WeightMap(list(by_name), lambda name: self.tensor(by_name[name]), aliases)
 
 
-def streamed_source(folder: Path, name: str, source: str, config=None, deltas: LoraDeltas | None = None,
+def streamed_source(folder: Path, name: str, config=None, deltas: LoraDeltas | None = None,
                     quantization: QuantizationSection | None = None, load_dtype: torch.dtype | None = None):
     """A model folder's weights, with an adapter's delta added when given, as a streamed model to score (float32):
     a verify.verdict.Source."""
     from ..verify.verdict import Source  # transformers comes with it: a --no-verify merge does without
 
     config = config or config_of(folder)
-    weights = MergedWeights.of(folder, torch.float32, source, deltas, quantization, load_dtype)
+    weights = MergedWeights.of(folder, torch.float32, deltas, quantization, load_dtype)
     return Source(config, weights.weight_map(tied_aliases(config)), name)

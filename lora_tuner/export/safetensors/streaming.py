@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..weights.shards import Entry
+from ...weights.shards import Entry
 from .shard_writer import StreamingShards
-from .weights import MergedWeights
+from ..merged_weights import MergedWeights
 
 CHUNK_BYTES = 2 * 2**20  # the unit of merging and writing: large enough that a write has no overhead
 BLOCK_ELEMENTS = 2**19  # fp32 arithmetic block of 2 MB per worker: it stays in the core's cache

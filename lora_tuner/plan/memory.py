@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import sizes
-from ..errors import fail
+from ..errors import about, fail
 from ..verify import LLAMA_CPP_LOGITS_MAX_BYTES, MAX_LENGTH
 
 FLOOR = 500 * 2**20  # python with torch, transformers, peft and accelerate imported: 470 MB measured
@@ -40,14 +40,14 @@ class Shape:
         return cls(params, largest, hidden, inner, heads, config["vocab_size"])
 
     @classmethod
-    def of_folder(cls, folder: Path, source: str) -> "Shape":
+    def of_folder(cls, folder: Path) -> "Shape":
         """From a model folder's config.json and safetensors headers (nothing loaded)."""
         from ..weights.shards import base_shards
         from ..weights.safetensors import read_header
 
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         config = config.get("text_config", config)
-        numels = [math.prod(info["shape"]) for shard in base_shards(folder, source)
+        numels = [math.prod(info["shape"]) for shard in base_shards(folder)
                   for info in read_header(shard)[1].values()]
         return cls.of_config(config, sum(numels), max(numels))
 
@@ -75,7 +75,7 @@ def verification(shape: Shape, rows: int) -> dict[str, int]:
             "logits": 3 * 4 * tokens * shape.vocab}
 
 
-def merge(shape: Shape, lora_params: int, verify_rows: int | None, round_trip_4bit: bool) -> Need:
+def for_merge(shape: Shape, lora_params: int, verify_rows: int | None, round_trip_4bit: bool) -> Need:
     need = Need("merge" + (" with verification" if verify_rows else ""),
                 {"imports": FLOOR, "adapter": 2 * 4 * lora_params,
                  "4-bit round trip": 4 * 4 * shape.largest if round_trip_4bit else 0})
@@ -84,7 +84,7 @@ def merge(shape: Shape, lora_params: int, verify_rows: int | None, round_trip_4b
     return need
 
 
-def gguf_export(shape: Shape, kind: str, verify_rows: int | None) -> Need:
+def for_gguf_export(shape: Shape, kind: str, verify_rows: int | None) -> Need:
     """Writing quantizes one float32 tensor at a time (gguf's numpy code makes a few copies); llama.cpp holds a file
     of up to 2 GiB whole to compute its logits (mapped, and its weights repacked for the CPU: twice the file)."""
     need = Need(f"gguf {kind}" + (" with verification" if verify_rows else ""),
@@ -96,7 +96,7 @@ def gguf_export(shape: Shape, kind: str, verify_rows: int | None) -> Need:
     return need
 
 
-def gguf_adapter(shape: Shape, base_gguf_bytes: int, lora_params: int, verify_rows: int) -> Need:
+def for_gguf_adapter(shape: Shape, base_gguf_bytes: int, lora_params: int, verify_rows: int) -> Need:
     """A LoRA GGUF verified in llama.cpp: it reads the whole base GGUF when it applies an adapter (no mapping) and
     repacks its weights for the CPU, twice the file, besides the streamed reference."""
     need = Need("gguf-lora with verification", {"imports": FLOOR, "adapter": 2 * 4 * lora_params,
@@ -105,7 +105,7 @@ def gguf_adapter(shape: Shape, base_gguf_bytes: int, lora_params: int, verify_ro
     return need
 
 
-def loaded_model(shape: Shape, dtype_bytes: float, what: str, extra: dict[str, int] | None = None) -> Need:
+def for_loaded_model(shape: Shape, dtype_bytes: float, what: str, extra: dict[str, int] | None = None) -> Need:
     """A model held in memory (AdapterPool: eval, generate, chat, serve): its weights in the dtype they are loaded in,
     and a batch's logits."""
     return Need(what, {"imports": FLOOR, "weights": int(shape.params * dtype_bytes),
@@ -116,8 +116,9 @@ def available() -> tuple[int, str]:
     """(bytes, where that figure comes from): LORA_TUNE_MEMORY when set, else this machine's available memory."""
     if ENVIRONMENT in os.environ:  # set but empty is a mistake to say, not a budget to ignore
         if not os.environ[ENVIRONMENT].strip():
-            raise fail(ENVIRONMENT, "value", "is set but empty", f"unset {ENVIRONMENT}, or give a size such as 4GB")
-        return sizes.parse(os.environ[ENVIRONMENT], ENVIRONMENT, "value"), ENVIRONMENT
+            raise fail("value", "is set but empty", f"unset {ENVIRONMENT}, or give a size such as 4GB", source=ENVIRONMENT)
+        with about(ENVIRONMENT):
+            return sizes.parse(os.environ[ENVIRONMENT], "value"), ENVIRONMENT
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         for line in meminfo.read_text().splitlines():
@@ -126,9 +127,9 @@ def available() -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
 
 
-def require(need: Need, source: str, field_name: str, fix: str) -> None:
+def require(need: Need, field_name: str, fix: str) -> None:
     """Refuse, before anything is written, what would not fit."""
     budget, where = available()
     if need.total > budget:
-        raise fail(source, field_name, f"{need.what} needs about {sizes.show(need.total)}, {where} is "
+        raise fail(field_name, f"{need.what} needs about {sizes.show(need.total)}, {where} is "
                    f"{sizes.show(budget)}", fix)

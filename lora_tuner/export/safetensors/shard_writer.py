@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..weights.shards import DTYPE_NAMES, INDEX, Entry
+from ...weights.shards import DTYPE_NAMES, INDEX, Entry
 
 
 def encode_header(tensors: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:

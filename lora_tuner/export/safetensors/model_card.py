@@ -1,5 +1,5 @@
 """README.md for a merged export: where it came from, how to prompt it, and how it was checked."""
-from .report import MergeReport
+from ..report import MergeReport
 
 
 def model_card(report: MergeReport) -> str:

@@ -1,0 +1,2 @@
+"""Row formats and prompt templates: pure Python, below the recipe (config/ validates data.format and data.template
+against them) and below everything that reads or renders rows."""
