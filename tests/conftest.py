@@ -1,29 +1,17 @@
 """Tiny random models (LLaMA and GPT-J shapes) saved to disk and loaded through the same path a real model takes.
 Sizes are multiples of 32 so bitsandbytes 4-bit runs them on CPU."""
-import copy
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
 
+from helpers import CONFIGS, recipe_dict, write_recipe
 from lora_tuner.config.schema import ModelSection
 from lora_tuner.data.demo_tasks import demo_tasks
 from lora_tuner.model.loading import build_random_base
 from lora_tuner.model.tokenizer import byte_tokenizer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-IDS = dict(vocab_size=288, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
-CONFIGS = {
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, **IDS),
-    "gptj": dict(model_type="gptj", n_embd=64, n_inner=128, n_layer=2, n_head=4, rotary_dim=8, n_positions=512,
-                 **IDS),
-}
 
 
 @pytest.fixture(scope="session")
@@ -59,80 +47,6 @@ def tiny_run(tmp_path_factory, tiny_base, alpaca_file) -> Path:
     recipe = recipe_dict(tiny_base("llama"), alpaca_file, train={"max_steps": 4, "eval_steps": 2, "save_steps": 100},
                          output={"name": "tiny-run"})
     return run(load_recipe(write_recipe(folder, recipe)), output=str(folder / "tiny-run")).folder
-
-
-def sharded_base(folder, kind, shard="100KB", **config):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS[kind], **config}))
-    model.save_pretrained(folder, max_shard_size=shard)
-    byte_tokenizer().save_pretrained(folder)
-    return model
-
-
-def random_adapter(base_model, folder, **lora):
-    """A LoRA adapter with non-zero B (as after training), saved the standard PEFT way."""
-    torch.manual_seed(1)
-    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora})
-    peft_model = get_peft_model(base_model, config)
-    peft_model.save_pretrained(folder)
-    return peft_model
-
-
-def pooled_rows_match_fresh_models(base: str, folders: dict, prompt: str) -> torch.Tensor:
-    """One mixed batch through an AdapterPool holding `folders` (name -> adapter folder): a row per adapter and one
-    for the bare base, each asserted equal to a freshly loaded model's logits. Returns the batch's logits."""
-    from peft import PeftModel
-
-    from lora_tuner import AdapterPool
-
-    pool = AdapterPool(str(base), dtype="float32")
-    for name, folder in folders.items():
-        pool.add(name, folder)
-    rows = [*folders, None]
-    ids = pool.tokenizer([prompt] * len(rows), return_tensors="pt")
-    with torch.no_grad():
-        mixed = pool.model(**ids, adapter_names=[name or "__base__" for name in rows]).logits
-    for i, name in enumerate(rows):
-        fresh = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        fresh = PeftModel.from_pretrained(fresh, folders[name]) if name else fresh
-        with torch.no_grad():
-            alone = fresh.eval()(input_ids=ids["input_ids"][i:i + 1]).logits[0]
-        assert (mixed[i] - alone).abs().max() < 1e-4, name
-    return mixed
-
-
-def recipe_dict(base: str, data_path: str, **sections) -> dict:
-    """A small, fast recipe; keyword arguments replace keys inside sections."""
-    recipe = {
-        "model": {"name_or_path": base, "dtype": "float32"},
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"path": data_path, "max_length": 256, "validation_size": 8},
-        "train": {"max_steps": 30, "batch_size": 4, "learning_rate": 3e-3, "warmup": 0, "logging_steps": 2,
-                  "eval_steps": 15, "save_steps": 15, "report_to": []},
-        "output": {"name": "test-run"},
-    }
-    recipe = copy.deepcopy(recipe)
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    return recipe
-
-
-def make_trainer(recipe, model, tokenizer, data, folder: Path):
-    """The trainer `lora-tune run` would build for this recipe, writing into folder."""
-    from accelerate import PartialState
-
-    from lora_tuner.run_folder import RunFolder
-    from lora_tuner.train.fast_path import resolve_fast_path
-    from lora_tuner.train.methods import make_trainer as make
-
-    resolved, _ = resolve_fast_path(recipe)
-    return make(resolved, model, tokenizer, data, RunFolder(folder), PartialState())[0]
-
-
-def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> str:
-    path = Path(folder) / name
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture

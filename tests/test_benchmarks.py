@@ -3,15 +3,14 @@ the script a GPU session runs is not dead code."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
+from helpers import ROOT, SHARED
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SHARED / "data/alpaca_5000.json").is_file(),
                                                    reason="../shared is not here")]
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def test_the_gpu_epoch_benchmark_runs_end_to_end_on_the_tiny_shape(tmp_path):

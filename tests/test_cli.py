@@ -1,14 +1,14 @@
 """The CLI shell: bundled recipes validate, fields are documented, overrides apply."""
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from helpers import RECIPES
 from lora_tuner.cli import main
 from lora_tuner.config import explain, load_recipe
 from lora_tuner.config.schema import Recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((RECIPES).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

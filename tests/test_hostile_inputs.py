@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import CONFIGS, recipe_dict, write_recipe
+from helpers import CONFIGS, SHARED, nan_weights, recipe_dict, write_recipe
 from lora_tuner.cli import main
 
 
@@ -99,11 +99,6 @@ def drop_lora_b(folder: Path) -> None:
     tensors = load_file(folder / "adapter_model.safetensors")
     del tensors[next(name for name in tensors if "lora_B" in name)]
     save_file(tensors, folder / "adapter_model.safetensors")
-
-
-def nan_weights(folder: Path) -> None:
-    tensors = load_file(folder / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
 
 
 def no_lora_keys(folder: Path) -> None:
@@ -214,7 +209,7 @@ CASES = {
                                ["model.config", "num_key_value_heads", "divides"]),
     "longer-than-positions": (lambda c: c.validate(data={"max_length": 4096}), ["data.max_length", "4096", "512"]),
     "tokenizer-larger-than-vocab": (lambda c: c.validate(model={"tokenizer": str(
-        Path(__file__).resolve().parents[2] / "shared/tokenizers/llama/tokenizer.model")}),
+        SHARED / "tokenizers/llama/tokenizer.model")}),
         ["model.tokenizer", "32,000 tokens", "288"]),
     "duplicate-section": (lambda c: ["validate", yaml_with(c, "train: {max_steps: 1}\ntrain: {max_steps: 2}\n")],
                           ["duplicate key 'train'", "line", "give each key once"]),

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lora_tuner"
+from helpers import ROOT
+
+PACKAGE = ROOT / "lora_tuner"
 # floor of each top-level folder or module of lora_tuner: an import may only go to a lower floor (or stay inside)
 FLOORS = {
     "errors": 0,

@@ -10,7 +10,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED, pooled_rows_match_fresh_models
+from helpers import SHARED, pooled_rows_match_fresh_models
 from gguf import GGUFReader
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.eval.evaluate import evaluate

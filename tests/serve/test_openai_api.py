@@ -11,38 +11,17 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
-from peft import PeftModel
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import recipe_dict, write_recipe
-from lora_tuner import AdapterPool, load_recipe, run
+from helpers import PROMPTS, QUESTION_TEMPLATE, cli_server, free_port, nan_weights, trained_run
+from lora_tuner import AdapterPool
 from lora_tuner.serve.openai_api import create_app
-from test_adapter_pool import make_adapter, poison
+from helpers import make_adapter, poison
 
 pytestmark = pytest.mark.slow  # trains adapters: the full tier
 
 KEY = "test-key"
-PROMPTS = ["Reverse the word: apple", "Add 2 and 3", "Sort the letters: pear", "Say hello"]
-QUESTION_TEMPLATE = {"with_input": "Q: {instruction}\n{input}\nA:", "without_input": "Q: {instruction}\nA:"}
-
-
-def trained_run(tmp_path, base, alpaca_file, name, seed, **data) -> str:
-    """A real run folder (recipe, training prompt), its LoRA weights then replaced by large random ones so that
-    each adapter's greedy answers differ visibly from the others' and the base's."""
-    recipe = recipe_dict(base, alpaca_file, train={"max_steps": 1, "save_steps": 100, "eval_steps": 100},
-                         data={"validation_size": 0, **data}, output={"name": name})
-    folder = run(load_recipe(write_recipe(tmp_path, recipe, f"{name}.yaml")), output=str(tmp_path / name)).folder
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
-    torch.manual_seed(seed)
-    for parameter_name, parameter in model.named_parameters():
-        if "lora_" in parameter_name:
-            parameter.data.normal_(0, 0.3)
-    model.save_pretrained(tmp_path / f"{name}-weights")
-    shutil.copy(tmp_path / f"{name}-weights/adapter_model.safetensors", folder / "adapter_model.safetensors")
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -259,26 +238,12 @@ def test_a_non_ascii_key_is_accepted_and_an_empty_one_refused(served):
 
 
 def test_the_command_serves_on_loopback(served):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen([sys.executable, "-m", "lora_tuner.cli", "serve", "--adapter", served["a"],
-                               "--port", str(port)], stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(600):
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
-                break
-            except httpx.ConnectError:
-                assert server.poll() is None, server.stderr.read()
-                time.sleep(0.1)
+    port = free_port()
+    with cli_server(["serve", "--adapter", served["a"]], port):
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["adapters"] == ["a"] and health["base"] == "base"
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening, listening
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     nothing = subprocess.run([sys.executable, "-m", "lora_tuner.cli", "serve"], capture_output=True, text=True)
     assert nothing.returncode == 2
     assert nothing.stderr.strip() == ("error: serve: --adapter: nothing to serve; give --adapter DIR (repeatable) "
@@ -301,11 +266,6 @@ def edit_config(**changes):
         config = json.loads((folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
     return edit
-
-
-def nan_weights(folder):
-    tensors = load_file(folder / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
 
 
 def run_linked_to_a_secret(served) -> str:
@@ -406,7 +366,7 @@ def other_size_adapter(folder):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
-    from conftest import CONFIGS
+    from helpers import CONFIGS
 
     wide = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**CONFIGS["llama"], "hidden_size": 96}))
     get_peft_model(wide, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(folder)

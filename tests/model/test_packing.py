@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_trainer, recipe_dict, write_recipe
+from helpers import make_trainer, recipe_dict, write_recipe
 from lora_tuner import load_recipe
 from lora_tuner.data.prepare import prepare_data
 from lora_tuner.model.loading import load_base

@@ -6,7 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 from lora_tuner.cli import main
 
 

@@ -1,17 +1,16 @@
 """`lora-tune plan`: its arithmetic checked against real tiny models, and it runs offline on the 7B recipes."""
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import recipe_dict, write_recipe
+from helpers import RECIPES, recipe_dict, write_recipe
 from lora_tuner import load_recipe
 from lora_tuner.cli import main
 from lora_tuner.model.loading import load_base
 from lora_tuner.model.lora import attach_lora
 from lora_tuner.plan.estimate import make_plan
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = RECIPES
 
 
 def weight_bytes(model) -> int:

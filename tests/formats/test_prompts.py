@@ -2,7 +2,7 @@
 folder carries renders byte for byte what training rendered."""
 import pytest
 
-from conftest import SHARED
+from helpers import SHARED
 from lora_tuner.config.schema import DataSection
 from lora_tuner.formats.registry import FORMATS
 from lora_tuner.formats.templates import resolve

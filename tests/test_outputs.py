@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import random_adapter, recipe_dict, write_recipe
+from helpers import random_adapter, recipe_dict, write_recipe
 from lora_tuner.cli import main
 from lora_tuner.outputs import AUDIT_EVENT
 

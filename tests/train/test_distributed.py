@@ -12,12 +12,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import RECIPES
 from lora_tuner.cli import main
 from lora_tuner.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
-DEMO = str(Path(__file__).resolve().parents[1] / "recipes/demo-tiny-cpu.yaml")
+DEMO = str(RECIPES / "demo-tiny-cpu.yaml")
 SHORT = ["--set", "train.max_steps=20", "--set", "train.logging_steps=2", "--set", "train.save_steps=10"]
 
 

@@ -4,10 +4,9 @@ import threading
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import PeftModel
 
-from conftest import recipe_dict, write_recipe
+from helpers import make_adapter, poison, recipe_dict, write_recipe
 from lora_tuner import AdapterPool, UserError, load_recipe, run
 from lora_tuner.cli import main
 from lora_tuner.formats.templates import ALPACA, render
@@ -17,15 +16,6 @@ pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 IDS = torch.tensor([[1, 70, 80, 90, 100, 110, 120, 130]])
 PROMPT = "Reverse the word: apple"
-
-
-def make_adapter(base_folder, folder, seed, **lora):
-    base = AutoModelForCausalLM.from_pretrained(base_folder)
-    torch.manual_seed(seed)
-    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False,
-                           **lora})
-    get_peft_model(base, config).save_pretrained(folder)
-    return str(folder)
 
 
 def logits(model):
@@ -155,14 +145,6 @@ def test_run_folder_prompt_template_is_applied(tmp_path, tiny_base, alpaca_file)
     assert chat.exit_code == 0, chat.output
     assert templated in chat.output and "no adapter 'nope'" in chat.output and "base> " in chat.output
     assert pool.generate(PROMPT, adapter=None) in chat.output
-
-
-def poison(pool, name):
-    """The loaded adapter's weights turned NaN in memory (as a bad checkpoint would be, had it got in)."""
-    with torch.no_grad():
-        for parameter_name, parameter in pool.model.named_parameters():
-            if f".{name}." in parameter_name:
-                parameter.fill_(float("nan"))
 
 
 def test_a_failed_mixed_batch_leaves_no_hooks_and_the_pool_serves_on(adapters):

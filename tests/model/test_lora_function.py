@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 from lora_tuner.model.lora_function import dropout_keep, fused_lora_layers, fusable
 
 

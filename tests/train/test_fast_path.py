@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_trainer, recipe_dict, write_recipe
+from helpers import make_trainer, recipe_dict, write_recipe
 from lora_tuner import load_recipe
 from lora_tuner.cli import main
 from lora_tuner.data.prepare import prepare_data

@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import random_adapter, recipe_dict, sharded_base, write_recipe
+from helpers import random_adapter, recipe_dict, sharded_base, write_recipe
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
 from lora_tuner.export.safetensors.streaming import CHUNK_BYTES

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CONFIGS, recipe_dict, write_recipe
+from helpers import CONFIGS, recipe_dict, write_recipe
 from lora_tuner import AdapterPool, load_recipe, merge, run
 from lora_tuner.errors import UserError
 from lora_tuner.eval.evaluate import evaluate

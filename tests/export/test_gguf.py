@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
 
-from conftest import CONFIGS, SHARED, recipe_dict, write_recipe
+from helpers import CONFIGS, SHARED, recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
 from lora_tuner.export.gguf.export import export_gguf

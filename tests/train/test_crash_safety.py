@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import recipe_dict, write_recipe
+from helpers import RECIPES, recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
 from lora_tuner.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
-DEMO = str(Path(__file__).resolve().parents[1] / "recipes/demo-tiny-cpu.yaml")
+DEMO = str(RECIPES / "demo-tiny-cpu.yaml")
 SHORT = ["--set", "train.max_steps=50", "--set", "train.save_steps=10", "--set", "train.save_total_limit=10"]
 
 

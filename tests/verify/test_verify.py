@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import random_adapter, sharded_base
+from helpers import random_adapter, sharded_base
 from lora_tuner import merge
 from lora_tuner.export.lora_deltas import LoraDeltas
 from lora_tuner.export.merged_weights import streamed_source

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
-from conftest import recipe_dict, write_recipe
-from test_serve import PROMPTS, trained_run
+from helpers import recipe_dict, write_recipe
+from helpers import PROMPTS, trained_run
 from lora_tuner import AdapterPool, load_recipe, run
 from lora_tuner.eval.evaluate import evaluate
 from lora_tuner.run_folder import RunFolder

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from conftest import pooled_rows_match_fresh_models, recipe_dict, write_recipe
+from helpers import pooled_rows_match_fresh_models, recipe_dict, write_recipe
 from lora_tuner import load_recipe, merge, run
 from lora_tuner.cli import main
 from lora_tuner.config.loader import load_recipe as load

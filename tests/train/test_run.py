@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from conftest import recipe_dict, write_recipe
+from helpers import ROOT, recipe_dict, write_recipe
 from lora_tuner import load_recipe, run
 from lora_tuner.cli import main
 from lora_tuner.formats.templates import ALPACA, render
@@ -19,7 +19,6 @@ pytestmark = pytest.mark.slow  # trains or merges models: the full tier
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "recipe.yaml", "run.json", "metrics.jsonl", "loss.png")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def loss_fell(folder: Path) -> tuple[float, float]:

@@ -4,15 +4,12 @@ stops the list, the page, `lora-tune ui` itself or any other run; nothing outsid
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from helpers import cli_server, free_port
 from lora_tuner import AdapterPool
 from lora_tuner.run_folder import RunFolder
 
@@ -132,25 +129,11 @@ def test_a_loopback_server_answers_only_requests_addressed_to_loopback(client, h
 @pytest.mark.slow
 def test_lora_tune_ui_starts_over_damaged_runs_and_serves_the_good_ones(root):
     """The first runs in name order are damaged: the page still starts, on the first run that reads back whole."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen([sys.executable, "-m", "lora_tuner.cli", "ui", str(root), "--port", str(port)],
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        while True:
-            try:
-                listed = httpx.get(f"http://127.0.0.1:{port}/ui/api/runs").json()
-                break
-            except httpx.ConnectError:
-                assert server.poll() is None, server.stderr.read()
-                time.sleep(0.1)
+    port = free_port()
+    with cli_server(["ui", str(root)], port, ready="/ui/api/runs"):
+        listed = httpx.get(f"http://127.0.0.1:{port}/ui/api/runs").json()
         assert "a_good" in listed["served"] and "corrupt_manifest" not in listed["served"]
         assert len(listed["runs"]) == len(RUNS) + 2
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def test_eval_scores_the_rows_before_a_torn_last_line(tiny_run, tmp_path):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import SHARED, make_trainer, recipe_dict, write_recipe
+from helpers import SHARED, make_trainer, recipe_dict, write_recipe
 from lora_tuner import load_recipe
 from lora_tuner.data.prepare import prepare_data
 from lora_tuner.formats.templates import ALPACA, render
