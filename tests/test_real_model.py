@@ -128,17 +128,13 @@ def test_qlora_merges_into_what_it_saw_and_auto_keeps_the_better(smollm2, tmp_pa
     recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"mode": "4bit"})})
     trained = run(recipe, output=str(tmp_path / "run"))
 
-    into_seen = merge(trained.folder, tmp_path / "dequantized", into="dequantized", verify_rows=4)
-    v = into_seen.verification
-    print(f"dequantized: top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}, loss {v.loss_export:.4f} "
-          f"vs adapter on 4-bit {v.loss_adapter:.4f}")
-    assert v.passed and "4-bit" in v.reference
-
     auto = merge(trained.folder, tmp_path / "auto", verify_rows=4)
-    losses = auto.heldout_loss_by_target
-    print(f"--into auto: {auto.into_reason}")
+    losses, v = auto.heldout_loss_by_target, auto.verification
+    print(f"--into auto: {auto.into_reason}; top-1 {v.top1_agreement:.1%}, KL {v.mean_kl:.1e}")
     assert set(losses) == {"dequantized", "original"} and auto.into == min(losses, key=losses.get)
     assert all(f"{value:.4f}" in auto.into_reason for value in losses.values())  # both figures are shown
+    # verified against the adapter on the base it merged into: the 4-bit weights training saw, or the original ones
+    assert v.passed and ("4-bit" in v.reference) == (auto.into == "dequantized")
 
 
 def test_pool_mixed_batch_equals_fresh_models(smollm2, lora_run, tmp_path):
@@ -151,14 +147,14 @@ def test_pool_mixed_batch_equals_fresh_models(smollm2, lora_run, tmp_path):
     assert (mixed[0] - mixed[2]).abs().max() > 0.1 and (mixed[1] - mixed[2]).abs().max() > 0.1  # adapters matter
 
 
-def test_the_bundled_dpo_recipe_runs_from_the_sft_adapter_and_exports(smollm2, lora_run, tmp_path):
+def test_the_bundled_dpo_recipe_runs_from_the_sft_adapter_and_merges(smollm2, lora_run, tmp_path):
     """smollm2-135m-dpo by name, offline: the GGUF-imported base, the session's SFT run as init.adapter, the shared
     Alpaca rows as alpaca-cut pairs (chosen: the answer; rejected: it cut after half its words). Held-out preference
     accuracy starts at 50% (the SFT adapter is the reference) and rises; the result merges (verified, default
-    settings) and exports to a q8_0 GGUF that llama.cpp loads, like an SFT run."""
+    settings), like an SFT run (whose merged model's GGUF exports are tested above)."""
     recipe = load_recipe("smollm2-135m-dpo", [
-        f"model.name_or_path={smollm2}", f"init.adapter={lora_run.folder}", f"data.path={ALPACA}", "data.limit=100",
-        "data.validation_size=12", "data.max_length=128", "train.max_steps=6", "train.learning_rate=1e-3",
+        f"model.name_or_path={smollm2}", f"init.adapter={lora_run.folder}", f"data.path={ALPACA}", "data.limit=80",
+        "data.validation_size=8", "data.max_length=128", "train.max_steps=4", "train.learning_rate=1e-3",
         "train.batch_size=2", "train.eval_steps=100", "train.report_to=[]", f"output.root={tmp_path}"])
     result = run(recipe)
     report = evaluate(result.folder)
@@ -167,9 +163,6 @@ def test_the_bundled_dpo_recipe_runs_from_the_sft_adapter_and_exports(smollm2, l
     start, tuned = scores["start (init.adapter)"], scores["base + adapter"]
     assert start.preference_accuracy == 0.5 and tuned.preference_accuracy >= 0.6
     assert tuned.loss <= start.loss * 1.1  # the chosen answers stay about as likely as SFT left them (60 steps at
-    # lr 1e-4, benchmarks/dpo_smollm2.py: +1.1%; these 6 steps at lr 1e-3 cost more)
+    # lr 1e-4, benchmarks/dpo_smollm2.py: +1.1%; these 4 steps at lr 1e-3 cost more)
 
-    merged = tmp_path / "merged"
-    assert merge(result.folder, merged, verify_rows=4).verification.passed
-    v = export_gguf(merged, tmp_path / "dpo-q8_0.gguf", kind="q8_0", verify_rows=2).verification
-    assert v.passed and v.judge.startswith("llama.cpp" if llama_cpp.version() else "transformers")
+    assert merge(result.folder, tmp_path / "merged", verify_rows=4).verification.passed

@@ -14,15 +14,8 @@ from .anatomy import module_shapes
 
 def lora_config(recipe: Recipe) -> LoraConfig:
     lora = recipe.lora
-    return LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.rslora,
-        use_dora=lora.dora,
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      use_rslora=lora.rslora, use_dora=lora.dora, task_type="CAUSAL_LM")
 
 
 def attach_lora(base: PreTrainedModel, recipe: Recipe, base_id: str | None = None) -> PeftModel:

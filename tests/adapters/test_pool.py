@@ -75,14 +75,16 @@ def test_mixed_batch_equals_rows_one_by_one(adapters):
     assert mixed == one_by_one
 
 
-def test_thousand_swaps_and_evictions_keep_memory_flat(tmp_path, adapters):
+def test_many_swaps_and_evictions_keep_the_model_its_size(tmp_path, adapters):
+    """Every use evicts the least recently used adapter and re-reads another from disk (3 adapters, 2 resident): after
+    150 of them the model holds exactly the parameters it held, and a re-read adapter is exact."""
     base, a, _ = adapters
     b, c = make_adapter(base, tmp_path / "b8", 4), make_adapter(base, tmp_path / "c", 3)  # all of rank 8
     pool = AdapterPool(base, max_loaded=2)
     for name, path in (("a", a), ("b", b), ("c", c)):
         pool.add(name, path)
     count = sum(p.numel() for p in pool.model.parameters())
-    for i in range(1000):
+    for i in range(150):
         with pool.use("abc"[i % 3]):
             pass
     assert sum(p.numel() for p in pool.model.parameters()) == count
