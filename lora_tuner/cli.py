@@ -72,7 +72,30 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*use_liger_kernel=True.*deprecated")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """click's own refusals (a value of the wrong type or range, a missing option, an unknown command) in the one-line
+    form every other error takes, exit code 2: click would print usage, a hint and the error on three lines."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+            if not standalone_mode:
+                return result
+            sys.exit(result if isinstance(result, int) else 0)  # as click's standalone mode ends (--help: its code)
+        except click.exceptions.Abort:  # Ctrl-C or end of input at a prompt (chat)
+            click.echo("", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            where = context.command_path if context else "lora-tune"
+            param = getattr(exc, "param", None)
+            field = param.opts[-1] if isinstance(param, click.Option) else param.human_readable_name if param else \
+                "(command line)"
+            click.echo(f"error: {where}: {field}: {exc.format_message().rstrip('.')}; see {where} --help", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """LoRA and QLoRA fine-tuning from a YAML recipe.
 
@@ -294,7 +317,8 @@ def evaluate(folder, merged, data, rows, generations, max_new_tokens):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--device", "--gpu", "device", default="h100", show_default=True, type=click.Choice(DEVICE_NAMES),
               help="What to plan for: a GPU, or cpu (this machine).")
-@click.option("--tokens", type=int, help="Tokens the run trains on, when the data set is not local or known.")
+@click.option("--tokens", type=click.IntRange(1), help="Tokens the run trains on, when the data set is not local or "
+              "known.")
 @click.option("--world-size", default=1, show_default=True, type=click.IntRange(1),
               help="GPUs the run is launched on (per-GPU memory follows distributed.strategy).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
@@ -337,7 +361,7 @@ ADAPTER_HELP = "A run folder or PEFT adapter folder (repeatable); its folder nam
               help=ADAPTER_HELP)
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Instruction text (repeatable).")
 @click.option("--base", help="Base model folder (default: the first run folder's base).")
-@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--no-template", is_flag=True, help="Send the prompt as is, not in the run's training template.")
 @user_errors
 def generate(adapters, prompts, base, max_new_tokens, no_template):
@@ -360,7 +384,7 @@ def generate(adapters, prompts, base, max_new_tokens, no_template):
 @click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
               help=ADAPTER_HELP)
 @click.option("--base", help="Base model folder (default: the first run folder's base).")
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
 @user_errors
 def chat(adapters, base, max_new_tokens):
     """Talk to adapters one instruction at a time. /adapter NAME switches (/adapter none: the bare base),

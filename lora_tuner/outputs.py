@@ -51,14 +51,19 @@ class Output:
         self.source, self.field, self.what = current(), field, what  # what the command is about, for error lines
         if str(path).strip() == "":
             raise fail(field, "is empty", f"give {field} a path")
-        if Path(path).expanduser().is_symlink():
-            raise fail(field, f"{str(path)!r} is a symbolic link; writing there would replace what it points "
-                       "at", f"give {field} a real path")
-        self.final = resolved(path)
-        self.beside = [self.final.with_suffix(suffix) for suffix in beside]
-        self.partial = self.final.parent / f".{self.final.name}.partial"
-        self._refuse_inputs({name: resolved(p) for name, p in inputs.items()
-                             if p is not None and str(p) != "" and Path(p).expanduser().exists()})
+        try:
+            if Path(path).expanduser().is_symlink():
+                raise fail(field, f"{str(path)!r} is a symbolic link; writing there would replace what it points "
+                           "at", f"give {field} a real path")
+            self.final = resolved(path)
+            self.beside = [self.final.with_suffix(suffix) for suffix in beside]
+            self.partial = self.final.parent / f".{self.final.name}.partial"
+            self._refuse_inputs({name: resolved(p) for name, p in inputs.items()
+                                 if p is not None and str(p) != "" and Path(p).expanduser().exists()})
+            self.final.exists()  # a name the file system cannot hold fails here, not half-way through the work
+        except (OSError, RuntimeError) as exc:  # too long a name, a loop of links
+            raise fail(field, f"{str(path)[:80]!r} cannot be used as a path ({getattr(exc, 'strerror', None) or exc})",
+                       f"give {field} a shorter, plain path") from None
 
     def _refuse_inputs(self, inputs: dict[str, Path]) -> None:
         """An output may be replaced (--force) or written into: it must be none of the inputs, hold none of them and

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from helpers import CONFIGS, SHARED, nan_weights, recipe_dict, write_recipe
+from helpers import CONFIGS, SHARED, make_adapter, nan_weights, recipe_dict, write_recipe
 from lora_tuner.cli import main
 
 
@@ -419,6 +419,16 @@ CASES = {
                         ["--shard-size", "less than one byte"]),
     "max-body-zero": (lambda c: ["serve", "--base", c.base("llama"), "--max-body", "0MB", "--port", "0"],
                       ["--max-body", "less than one byte"]),
+    "empty-text-in-a-recipe": (lambda c: c.run(output={"root": " "}), ["output.root", "is empty", "default"]),
+    "run-name-too-long": (lambda c: c.run(output={"name": "a" * 300}), ["output.name", "at most 200"]),
+    "output-name-too-long": (lambda c: ["run", c.recipe(), "--output", str(c.tmp / ("b" * 300))],
+                             ["output", "cannot be used as a path", "File name too long"]),
+    "merge-out-name-too-long": (lambda c: ["merge", str(make_adapter(c.base("llama"), c.tmp / "adapter", 0)), "--out",
+                                           str(c.tmp / ("b" * 300)), "--base", c.base("llama")],
+                                ["--out", "cannot be used as a path"]),
+    "generate-zero-new-tokens": (lambda c: ["generate", "--adapter", str(make_adapter(c.base("llama"), c.tmp / "a", 0)),
+                                            "--base", c.base("llama"), "--prompt", "hi", "--max-new-tokens", "0"],
+                                 ["--max-new-tokens", "0 is not in the range"]),
     # servers beyond loopback
     "serve-every-interface-without-a-key": (lambda c: ["serve", "--base", c.base("llama"), "--host", "0.0.0.0",
                                                        "--port", "0"], ["--host", "'0.0.0.0'", "--insecure"]),

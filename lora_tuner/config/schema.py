@@ -19,10 +19,13 @@ class Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, value, info: ValidationInfo):
-        """pydantic reads true as 1 for a number field; `beta: true` is a mistake to report, not a beta of 1.0."""
+    def _no_bool_for_numbers_nor_empty_text(cls, value, info: ValidationInfo):
+        """pydantic reads true as 1 for a number field; `beta: true` is a mistake to report, not a beta of 1.0. An
+        empty text is never a setting (an empty output.root would put the run in the current folder)."""
         if isinstance(value, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"{value!r} is a yes/no value, not what this field takes")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give it a value, or leave the key out for its default")
         return value
 
 
@@ -213,7 +216,7 @@ class DistributedSection(Section):
 
 
 class OutputSection(Section):
-    name: str = Field(description="Run name: the adapter lands in <root>/<name>/.")
+    name: str = Field(max_length=200, description="Run name: the adapter lands in <root>/<name>/.")
     root: str = Field("adapters", description="Folder that holds run folders.")
 
     @field_validator("name")
